@@ -1,0 +1,119 @@
+"""Load a local Hugging Face checkpoint (config, tokenizer, safetensors) for the engine.
+
+Nothing is fetched from a hub: every load is ``local_files_only``. Problems a user can fix
+(missing folder, no tokenizer, unsupported architecture) raise ``InputError`` saying what
+to do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from batchrun.core.attention import register_attention
+from batchrun.core.rows import InputError
+
+# Decoder-only architectures whose tiny configs pass the oracle test (tests/test_architectures.py).
+SUPPORTED_MODEL_TYPES = ("gemma2", "gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+@dataclass
+class LoadedModel:
+    name: str  # the checkpoint folder's name, recorded in outputs
+    path: Path
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]
+    max_context: int  # positions the model supports (prompt + output)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # float32 on CPU (exact, and the oracle's dtype); bfloat16 on GPUs that have it.
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def check_model_folder(path: Path) -> str:
+    """Fail fast, before any work, if ``path`` cannot be a supported checkpoint.
+    Returns the model type."""
+    if not path.is_dir():
+        raise InputError(f"model folder {path} does not exist; pass --model PATH to a local checkpoint")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{path} has no config.json; is it a Hugging Face checkpoint folder?")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "copy the tokenizer files of the checkpoint into the folder"
+        )
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{config_file} is not valid JSON ({exc})") from None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise InputError(
+            f"{path}: model type {model_type!r} is not supported; "
+            f"batchrun supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    check_model_folder(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: the tokenizer could not be loaded ({exc})") from None
+
+
+def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    tokenizer = load_tokenizer(path)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=torch_dtype, attn_implementation=register_attention()
+        )
+    except OSError as exc:
+        raise InputError(f"{path}: the weights could not be loaded ({exc})") from None
+    model.to(torch_device).eval()
+    return LoadedModel(
+        name=path.name,
+        path=path,
+        model=model,
+        tokenizer=tokenizer,
+        device=torch_device,
+        dtype=torch_dtype,
+        eos_token_ids=eos_token_ids(model, tokenizer),
+        max_context=config.max_position_embeddings,
+    )
+
+
+def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
+    """Every id that ends generation: the generation config's, the model config's, the tokenizer's."""
+    ids: set[int] = set()
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return tuple(sorted(ids))

@@ -1,0 +1,122 @@
+"""A job's unit of work (``Row``) and what comes back for it (``RowResult``).
+
+Input parsing turns each record of the prompt file into a ``Row``: its position, its id,
+where it came from (``line 7`` / ``row 7``, for error messages), what to prompt with and
+how to sample. A row that cannot run carries ``error`` instead and still produces exactly
+one output record, so the output always has one row per input row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from batchrun.core.params import ROW_PARAM_KEYS, ParamError, SamplingParams
+
+FinishReason = Literal["stop", "length", "error"]
+
+
+class InputError(Exception):
+    """The prompt file (or model) cannot be used at all; nothing is run and nothing written."""
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the input fields batchrun reads (``--prompt-column`` and friends)."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    id: str = "id"
+
+
+@dataclass
+class Row:
+    index: int  # 0-based position in the input; outputs are written back in this order
+    id: str
+    location: str  # human-readable origin, e.g. "line 7" or "row 7"
+    prompt: str | None = None  # raw text prompt, or ...
+    messages: list[dict[str, Any]] | None = None  # ... a chat, rendered with the chat template
+    params: SamplingParams | None = None
+    error: str | None = None  # set when the row cannot run
+
+
+@dataclass
+class RowResult:
+    """The generated columns of one output row."""
+
+    output: str | None
+    prompt_tokens: int
+    output_tokens: int
+    finish_reason: FinishReason
+    error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def failed(cls, message: str, prompt_tokens: int = 0) -> RowResult:
+        return cls(None, prompt_tokens, 0, "error", message)
+
+    def columns(self) -> dict[str, Any]:
+        """The columns added to the input row, in output order."""
+        return {
+            "output": self.output,
+            "prompt_tokens": self.prompt_tokens,
+            "output_tokens": self.output_tokens,
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+        }
+
+
+# A format may flag a row it cannot express in batchrun terms under this key.
+ROW_PROBLEM = "__batchrun_row_problem__"
+
+GENERATED_COLUMNS = ("output", "prompt_tokens", "output_tokens", "finish_reason", "error")
+
+
+def parse_row(
+    index: int, location: str, fields: dict[str, Any], columns: Columns, defaults: SamplingParams
+) -> Row:
+    """Validate one input record (already mapped to batchrun's field names by its format).
+
+    Problems with a single row never raise: they are returned as ``Row.error`` with the
+    field named, so the job goes on and the row gets an error record.
+    """
+    raw_id = fields.get(columns.id)
+    row_id = str(index) if raw_id is None else raw_id
+    row = Row(index=index, id=row_id, location=location)
+    if not isinstance(row_id, (str, int)) or isinstance(row_id, bool):
+        row.id = str(index)
+        row.error = f"{location}: field '{columns.id}' must be a string or integer, got {raw_id!r}"
+        return row
+    row.id = str(row_id)
+    if fields.get(ROW_PROBLEM):
+        row.error = f"{location}: {fields[ROW_PROBLEM]}"
+        return row
+    try:
+        row.prompt, row.messages = _prompt_of(fields, columns)
+        row.params = defaults.with_overrides({k: fields.get(k) for k in ROW_PARAM_KEYS})
+    except (ParamError, TypeError) as exc:
+        row.error = f"{location}: {exc}"
+    return row
+
+
+def _prompt_of(fields: dict[str, Any], columns: Columns) -> tuple[str | None, list | None]:
+    prompt, messages = fields.get(columns.prompt), fields.get(columns.messages)
+    if prompt is not None and messages is not None:
+        raise ParamError(f"has both '{columns.prompt}' and '{columns.messages}'; keep one")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            raise ParamError(f"field '{columns.messages}' must be a non-empty list of messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise ParamError(f"{columns.messages}[{i}] must be an object with a string 'role'")
+            if not isinstance(message.get("content"), str):
+                raise ParamError(f"{columns.messages}[{i}].content must be a string")
+        return None, messages
+    if prompt is None:
+        raise ParamError(
+            f"has neither '{columns.prompt}' nor '{columns.messages}' "
+            "(use --prompt-column / --messages-column if your file names them differently)"
+        )
+    if not isinstance(prompt, str) or not prompt:
+        raise ParamError(f"field '{columns.prompt}' must be a non-empty string, got {prompt!r}")
+    return prompt, None

@@ -1,0 +1,27 @@
+"""What an attention kernel needs to know about one packed step (no engine types here)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class AttentionMetadata(NamedTuple):
+    """Layout of one packed, variable-length step over a paged KV cache.
+
+    The step holds ``T`` new tokens from ``S`` sequences, packed back to back. Sequence
+    ``i`` owns query rows ``cu_seqlens_q[i]:cu_seqlens_q[i+1]``; after this step its cache
+    holds ``seq_lens[i]`` tokens, so its queries sit at positions
+    ``seq_lens[i] - q_len_i ... seq_lens[i] - 1`` and attend causally to cache positions
+    ``0 .. own position``. Cache position ``p`` of sequence ``i`` lives in slot
+    ``block_tables[i, p // block_size] * block_size + p % block_size``.
+    """
+
+    slot_mapping: torch.Tensor  # (T,) int64: cache slot each new token's K/V is written to
+    cu_seqlens_q: torch.Tensor  # (S + 1,) int32: query offsets, cu_seqlens_q[0] == 0
+    seq_lens: torch.Tensor  # (S,) int32: cached tokens per sequence after this step
+    block_tables: torch.Tensor  # (S, max_blocks) int32, right-padded with 0
+    # Host copies of the two length vectors, so reference code needs no device syncs.
+    q_lens_host: tuple[int, ...]
+    seq_lens_host: tuple[int, ...]
