@@ -88,7 +88,6 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedM
     tokenizer = load_tokenizer(path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=torch_dtype, attn_implementation=register_attention()
@@ -104,8 +103,14 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedM
         device=torch_device,
         dtype=torch_dtype,
         eos_token_ids=eos_token_ids(model, tokenizer),
-        max_context=config.max_position_embeddings,
+        max_context=max_context_of(path),
     )
+
+
+def max_context_of(path: Path) -> int:
+    """Positions the model supports (prompt + output), from its config."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True).get_text_config()
+    return config.max_position_embeddings
 
 
 def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
@@ -117,3 +122,21 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) ->
         elif source:
             ids.update(source)
     return tuple(sorted(ids))
+
+
+def model_sampling_defaults(path: Path) -> dict[str, object]:
+    """Sampling defaults the checkpoint's ``generation_config.json`` asks for.
+
+    Like vLLM, a model that ships ``do_sample: true`` with a temperature / top-p / top-k
+    gets those as the job defaults; otherwise decoding defaults to greedy.
+    """
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not config.get("do_sample"):
+        return {}
+    return {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}

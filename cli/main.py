@@ -1,0 +1,189 @@
+"""The ``batchrun`` command line. It builds typed configs and renders; the core does the work.
+
+Exit codes (also in ``batchrun --help``):
+  0  every row finished
+  1  usage error (bad option or value)
+  2  invalid input file or model: nothing was run, nothing written
+  3  finished, but some rows failed (see the output's error column)
+  4  engine failure
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+
+from batchrun.cli.progress import ConsoleObserver
+from batchrun.cli.render import summary_table, validation_table
+from batchrun.core.config import EngineConfig
+from batchrun.core.job import JobConfig, run_job
+from batchrun.core.kv_budget import parse_memory
+from batchrun.core.params import ParamError, SamplingParams
+from batchrun.core.rows import Columns, InputError
+from batchrun.core.validate import validate_file
+
+EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_ROWS_FAILED, EXIT_ENGINE = 0, 1, 2, 3, 4
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" / "tiny-llama"
+
+app = typer.Typer(
+    help=f"Offline, large-batch LLM inference with global prefix sharing.\n\n{__doc__.split(chr(10), 2)[2]}",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+ModelOpt = Annotated[
+    Path,
+    typer.Option(help="Local Hugging Face checkpoint folder. Default: the bundled tiny sample model."),
+]
+PromptColumn = Annotated[str, typer.Option(help="Field holding a raw text prompt.")]
+MessagesColumn = Annotated[str, typer.Option(help="Field holding a chat (list of {role, content}).")]
+IdColumn = Annotated[str, typer.Option(help="Field holding the row id (default: the row number).")]
+
+
+def fail(code: int, message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def sampling_overrides(**values: Any) -> dict[str, Any]:
+    """The job-wide sampling options the user set, validated (so a typo fails in a second)."""
+    chosen = {k: v for k, v in values.items() if v is not None}
+    try:
+        SamplingParams().with_overrides(chosen)
+    except ParamError as exc:
+        raise fail(EXIT_USAGE, str(exc)) from None
+    return chosen
+
+
+@app.command()
+def run(
+    input: Annotated[Path, typer.Argument(help="Prompt file: .jsonl, OpenAI batch .jsonl, .parquet, or a datasets folder.")],
+    model: ModelOpt = BUNDLED_MODEL,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output path. Default: <input stem>.out.<ext> beside the input.")] = None,
+    in_place: Annotated[bool, typer.Option("--in-place", help="Replace the input file itself (atomically).")] = False,
+    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per row [default: 256].")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy [default: greedy, or the model's generation_config].")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = None,
+    seed: Annotated[int, typer.Option(help="Job seed; rows without a seed derive theirs from it and their id.")] = 0,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS up to max_tokens.")] = False,
+    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
+    dtype: Annotated[DType, typer.Option(help="Weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
+    prompt_column: PromptColumn = "prompt",
+    messages_column: MessagesColumn = "messages",
+    id_column: IdColumn = "id",
+    block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
+    token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,
+    kv_memory: Annotated[str | None, typer.Option(help="KV cache size: bytes like 8GiB, or a fraction of free memory like 0.5.")] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Refuse the whole file if any row is invalid (default: such rows get an error record).")] = False,
+    log_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30.0,
+) -> None:
+    """Generate a completion for every row and write them back into their rows."""
+    try:
+        engine = EngineConfig(
+            block_size=block_size,
+            token_budget=token_budget,
+            kv_cache_bytes=parse_memory(kv_memory) if kv_memory else None,
+        )
+    except ValueError as exc:
+        raise fail(EXIT_USAGE, str(exc)) from None
+    sampling = sampling_overrides(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        ignore_eos=ignore_eos or None,
+    )
+    config = JobConfig(
+        input=input,
+        model=model,
+        output=output,
+        in_place=in_place,
+        columns=Columns(prompt_column, messages_column, id_column),
+        sampling=sampling,
+        seed=seed,
+        device=device.value,
+        dtype=dtype.value,
+        engine=engine,
+        strict=strict,
+    )
+    observer = ConsoleObserver(err, log_every=log_every)
+    try:
+        summary = run_job(config, observer)
+    except InputError as exc:
+        raise fail(EXIT_INPUT, str(exc)) from None
+    except Exception as exc:
+        observer.close()
+        err.print_exception() if err.is_terminal else None
+        raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
+    finally:
+        observer.close()
+    out.print(summary_table(summary))
+    if summary.failed:
+        raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+@app.command()
+def validate(
+    input: Annotated[Path, typer.Argument(help="Prompt file to check.")],
+    model: Annotated[Path | None, typer.Option(help="Also tokenize with this checkpoint and check context lengths.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="As for run: used for the context check.")] = None,
+    prompt_column: PromptColumn = "prompt",
+    messages_column: MessagesColumn = "messages",
+    id_column: IdColumn = "id",
+) -> None:
+    """Check a prompt file (format, fields, ids, token lengths) without running anything."""
+    sampling = sampling_overrides(max_tokens=max_tokens)
+    try:
+        report = validate_file(input, Columns(prompt_column, messages_column, id_column), model, sampling)
+    except InputError as exc:
+        raise fail(EXIT_INPUT, str(exc)) from None
+    out.print(validation_table(report))
+    if report.problems:
+        raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def main() -> None:
+    """Console entry point: typer, with usage errors mapped to exit code 1."""
+    import os
+
+    import transformers
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    transformers.logging.set_verbosity_error()  # batchrun reports progress itself
+    transformers.logging.disable_progress_bar()
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        exc.show(file=sys.stderr)
+        code = EXIT_USAGE
+    except click.exceptions.Abort:
+        err.print("aborted")
+        code = 130
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    sys.exit(code or 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""A whole job: read and check the prompt file, load the model, generate, write in row order.
+
+Everything that can be checked without the model (file format, row fields, duplicate ids,
+an output location we can write) is checked before the model loads, so a bad job fails in
+seconds, not after minutes of loading. The core never prints: it reports to a
+``JobObserver`` and returns a ``JobSummary``; the CLI renders both.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from batchrun.core.config import EngineConfig
+from batchrun.core.engine import Completion, EngineStats, build_engine
+from batchrun.core.io import OutputContext, PromptSource, open_source
+from batchrun.core.model_loader import (
+    LoadedModel,
+    check_model_folder,
+    load_model,
+    model_sampling_defaults,
+)
+from batchrun.core.params import SamplingParams
+from batchrun.core.request import Request
+from batchrun.core.rows import Columns, InputError, Row, RowResult, parse_row
+from batchrun.core.sampler import make_generator, row_seed
+from batchrun.core.tokenize import tokenize_rows
+
+MAX_LISTED_PROBLEMS = 5
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: Path
+    model: Path
+    output: Path | None = None  # None: <input stem>.out.<ext> beside the input
+    in_place: bool = False
+    columns: Columns = Columns()
+    sampling: dict[str, Any] = field(default_factory=dict)  # job-wide overrides set by the user
+    seed: int = 0  # job seed: rows without their own seed derive one from it and their id
+    device: str = "auto"
+    dtype: str = "auto"
+    engine: EngineConfig = EngineConfig()
+    strict: bool = False  # refuse the whole file if any row is invalid
+
+
+class JobObserver:
+    """Receives progress; the default does nothing (the CLI subclasses it)."""
+
+    def phase(self, name: str) -> None: ...
+
+    def started(self, total_rows: int) -> None: ...
+
+    def row_finished(self, result: RowResult) -> None: ...
+
+
+@dataclass
+class JobSummary:
+    input: Path
+    output: Path
+    rows: int
+    failed: int
+    prompt_tokens: int
+    output_tokens: int
+    seconds: dict[str, float]  # per phase
+    engine: EngineStats | None
+    errors: list[str]  # the first few row errors
+
+    @property
+    def ok(self) -> int:
+        return self.rows - self.failed
+
+
+def output_path(config: JobConfig, source: PromptSource) -> Path:
+    if config.in_place:
+        if config.output is not None:
+            raise InputError("use either --in-place or --output, not both")
+        return config.input
+    return config.output or source.default_output()
+
+
+def check_writable(output: Path) -> None:
+    folder = output.parent
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} does not exist; create it or pass -o elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder {folder} is not writable; pass -o to a writable place")
+
+
+def read_rows(source: PromptSource, defaults: SamplingParams) -> list[Row]:
+    """Parse every record into a ``Row``; file-level problems raise ``InputError``."""
+    rows = [
+        parse_row(index, location, fields, source.columns, defaults)
+        for index, (location, fields) in enumerate(source.records())
+    ]
+    if not rows:
+        raise InputError(f"{source.path}: no rows; the file is empty")
+    check_unique_ids(source, rows)
+    return rows
+
+
+def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
+    first_seen: dict[str, Row] = {}
+    duplicates: list[str] = []
+    for row in rows:
+        if row.id in first_seen:
+            duplicates.append(f"id {row.id!r} at {row.location} (first at {first_seen[row.id].location})")
+        else:
+            first_seen[row.id] = row
+    if duplicates:
+        shown = "; ".join(duplicates[:MAX_LISTED_PROBLEMS])
+        more = f" and {len(duplicates) - MAX_LISTED_PROBLEMS} more" if len(duplicates) > MAX_LISTED_PROBLEMS else ""
+        raise InputError(
+            f"{source.path}: row ids must be unique ('{source.columns.id}' field): {shown}{more}"
+        )
+
+
+def check_context(rows: list[Row], prompt_ids: list[list[int] | None], max_context: int) -> None:
+    """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context."""
+    for row, ids in zip(rows, prompt_ids):
+        if ids is None or row.error:
+            continue
+        if len(ids) + row.params.max_tokens > max_context:
+            row.error = (
+                f"{row.location}: prompt ({len(ids)} tokens) + max_tokens ({row.params.max_tokens}) "
+                f"exceeds the model's context of {max_context} tokens; shorten the prompt or lower max_tokens"
+            )
+
+
+def make_requests(rows: list[Row], prompt_ids: list[list[int] | None], job_seed: int) -> Iterator[Request]:
+    for row, ids in zip(rows, prompt_ids):
+        if row.error or ids is None:
+            continue
+        seed = row.params.seed if row.params.seed is not None else row_seed(job_seed, row.id)
+        generator = None if row.params.greedy else make_generator(seed)
+        yield Request(row.index, ids, row.params, generator)
+
+
+def result_of(completion: Completion, prompt_tokens: int) -> RowResult:
+    if completion.finish_reason == "error":
+        return RowResult.failed(completion.error or "generation failed", prompt_tokens)
+    return RowResult(
+        output=completion.text,
+        prompt_tokens=prompt_tokens,
+        output_tokens=len(completion.token_ids),
+        finish_reason=completion.finish_reason,  # type: ignore[arg-type]
+        token_ids=completion.token_ids,
+    )
+
+
+def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummary:
+    observer = observer or JobObserver()
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[phase] = now - clock
+        clock = now
+
+    observer.phase("reading")
+    check_model_folder(config.model)
+    source = open_source(config.input, config.columns)
+    output = output_path(config, source)
+    check_writable(output)
+    defaults = SamplingParams().with_overrides(model_sampling_defaults(config.model) | config.sampling)
+    rows = read_rows(source, defaults)
+    if config.strict:
+        refuse_invalid_rows(source, rows)
+    lap("read")
+
+    observer.phase("loading model")
+    loaded = load_model(config.model, config.device, config.dtype)
+    lap("load")
+
+    observer.phase("tokenizing")
+    prompt_ids = tokenize_rows(rows, loaded.tokenizer)
+    check_context(rows, prompt_ids, loaded.max_context)
+    lap("tokenize")
+
+    observer.phase("generating")
+    observer.started(len(rows))
+    results, stats = generate(config, loaded, rows, prompt_ids, observer)
+    lap("generate")
+
+    observer.phase("writing")
+    source.write(output, results, OutputContext(loaded.name, int(time.time())))
+    lap("write")
+
+    errors = [r.error for r in results if r.error]
+    return JobSummary(
+        input=config.input,
+        output=output,
+        rows=len(rows),
+        failed=len(errors),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        output_tokens=sum(r.output_tokens for r in results),
+        seconds=seconds,
+        engine=stats,
+        errors=errors[:MAX_LISTED_PROBLEMS],
+    )
+
+
+def generate(
+    config: JobConfig,
+    loaded: LoadedModel,
+    rows: list[Row],
+    prompt_ids: list[list[int] | None],
+    observer: JobObserver,
+) -> tuple[list[RowResult], EngineStats | None]:
+    """Run every valid row through the engine; invalid rows get their error record."""
+    results: list[RowResult | None] = [None] * len(rows)
+    for row in rows:
+        if row.error:
+            results[row.index] = RowResult.failed(row.error)
+            observer.row_finished(results[row.index])
+    requests = list(make_requests(rows, prompt_ids, config.seed))
+    stats = None
+    if requests:
+        useful = sum(r.max_total_tokens for r in requests)
+        engine = build_engine(loaded, config.engine, useful_tokens=useful)
+        for completion in engine.generate(requests):
+            index = completion.request_id
+            result = result_of(completion, len(prompt_ids[index] or ()))
+            results[index] = result
+            observer.row_finished(result)
+        stats = engine.stats
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
+    return results, stats  # type: ignore[return-value]
+
+
+def refuse_invalid_rows(source: PromptSource, rows: list[Row]) -> None:
+    bad = [row.error for row in rows if row.error]
+    if bad:
+        listed = "\n  ".join(bad[:MAX_LISTED_PROBLEMS])
+        raise InputError(f"{source.path}: {len(bad)} invalid row(s) (--strict):\n  {listed}")

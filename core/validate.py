@@ -1,0 +1,51 @@
+"""``batchrun validate``: check a prompt file (and optionally token lengths) without running."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchrun.core.io import open_source
+from batchrun.core.job import check_context, read_rows
+from batchrun.core.model_loader import (
+    check_model_folder,
+    load_tokenizer,
+    max_context_of,
+    model_sampling_defaults,
+)
+from batchrun.core.params import SamplingParams
+from batchrun.core.rows import Columns
+from batchrun.core.tokenize import tokenize_rows
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    format_name: str
+    rows: int
+    problems: list[str] = field(default_factory=list)  # one per invalid row
+    token_lengths: list[int] = field(default_factory=list)  # prompt tokens of the valid rows
+    max_context: int | None = None
+
+
+def validate_file(
+    path: Path, columns: Columns = Columns(), model: Path | None = None, sampling: dict | None = None
+) -> ValidationReport:
+    """Read and check every row; with ``model``, also tokenize and check context lengths.
+
+    File-level problems raise ``InputError`` exactly as ``batchrun run`` would."""
+    overrides = dict(sampling or {})
+    if model is not None:
+        check_model_folder(model)
+        overrides = model_sampling_defaults(model) | overrides
+    source = open_source(path, columns)
+    rows = read_rows(source, SamplingParams().with_overrides(overrides))
+    report = ValidationReport(path, source.format_name, len(rows))
+    if model is not None:
+        tokenizer = load_tokenizer(model)
+        prompt_ids = tokenize_rows(rows, tokenizer)
+        report.max_context = max_context_of(model)
+        check_context(rows, prompt_ids, report.max_context)
+        report.token_lengths = [len(ids) for row, ids in zip(rows, prompt_ids) if ids and not row.error]
+    report.problems = [row.error for row in rows if row.error]
+    return report
