@@ -1,0 +1,111 @@
+"""Every format comes back with one output row per input row, in order, inputs kept."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import SAMPLE_JOBS
+
+from batchrun.core.job import JobConfig, run_job
+from batchrun.core.rows import GENERATED_COLUMNS, Columns
+
+GENERATED = set(GENERATED_COLUMNS)
+
+
+def job(tiny_llama, path, **kw):
+    return run_job(JobConfig(input=path, model=tiny_llama, sampling={"max_tokens": 4}, **kw))
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_keeps_rows_columns_and_order(tiny_llama, tmp_path):
+    rows = [
+        {"id": "b", "prompt": "Tell me about lighthouses.", "extra": {"k": [1, 2]}},
+        {"prompt": "Second row, no id.", "max_tokens": 2, "score": 0.5},
+        {"id": 7, "messages": [{"role": "user", "content": "Hi"}], "temperature": 0.7, "seed": 3},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")  # trailing blank line is ignored
+    summary = job(tiny_llama, src)
+    out = read_jsonl(tmp_path / "in.out.jsonl")
+    assert summary.rows == 3 and summary.failed == 0
+    assert [{k: v for k, v in o.items() if k not in GENERATED} for o in out] == rows
+    assert [o["finish_reason"] for o in out] == ["length", "length", "length"]
+    assert [o["output_tokens"] for o in out] == [4, 2, 4]
+    assert all(o["error"] is None and isinstance(o["output"], str) for o in out)
+
+
+def test_parquet_keeps_schema_and_order(tiny_llama, tmp_path):
+    src = tmp_path / "p.parquet"
+    table = pa.table({
+        "id": [f"r{i}" for i in range(5)],
+        "prompt": [f"Prompt number {i} about apples." for i in range(5)],
+        "max_tokens": pa.array([3, None, 2, None, 1], type=pa.int64()),
+        "weight": [0.1, 0.2, 0.3, 0.4, 0.5],
+    })
+    pq.write_table(table, src, row_group_size=2)
+    job(tiny_llama, src, output=tmp_path / "o.parquet")
+    out = pq.read_table(tmp_path / "o.parquet")
+    assert out.schema.names == ["id", "prompt", "max_tokens", "weight", *GENERATED_COLUMNS]
+    assert out.select(table.schema.names).equals(table)
+    assert out.column("output_tokens").to_pylist() == [3, 4, 2, 4, 1]
+
+
+def test_openai_batch_output_format(tiny_llama, tmp_path):
+    src = SAMPLE_JOBS / "openai_batch.jsonl"
+    requests = read_jsonl(src)
+    job(tiny_llama, src, output=tmp_path / "o.jsonl")
+    out = read_jsonl(tmp_path / "o.jsonl")
+    assert [o["custom_id"] for o in out] == [r["custom_id"] for r in requests]
+    first = out[0]
+    assert first["error"] is None and first["response"]["status_code"] == 200
+    body = first["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "tiny-llama"
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == requests[0]["body"]["max_tokens"]  # the row's own limit wins
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_openai_batch_unsupported_request_is_a_row_error(tiny_llama, tmp_path):
+    src = tmp_path / "b.jsonl"
+    lines = [
+        {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Hello", "max_tokens": 2}},
+        {"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
+    ]
+    src.write_text("\n".join(json.dumps(x) for x in lines))
+    summary = job(tiny_llama, src)
+    out = read_jsonl(tmp_path / "b.out.jsonl")
+    assert summary.failed == 1
+    assert out[0]["response"]["body"]["object"] == "text_completion"
+    assert "text" in out[0]["response"]["body"]["choices"][0]
+    assert out[1]["response"] is None and "/v1/embeddings" in out[1]["error"]["message"]
+    assert "line 2" in out[1]["error"]["message"]
+
+
+def test_datasets_folder(tiny_llama, tmp_path):
+    ds = datasets.Dataset.from_dict({"question": ["What is granite?", "Why bake rye?"], "n": [1, 2]})
+    ds.save_to_disk(str(tmp_path / "ds"))
+    job(tiny_llama, tmp_path / "ds", columns=Columns(prompt="question"))
+    out = datasets.load_from_disk(str(tmp_path / "ds.out"))
+    assert out["question"] == ds["question"] and out["n"] == [1, 2]
+    assert out["finish_reason"] == ["length", "length"]
+
+
+@pytest.mark.parametrize("name", ["docs_qa.jsonl", "docs_qa.parquet"])
+def test_in_place_replaces_the_input_and_is_rerunnable(tiny_llama, tmp_path, name):
+    src = tmp_path / name
+    shutil.copy(SAMPLE_JOBS / name, src)
+    job(tiny_llama, src, in_place=True)
+    first = src.read_bytes()
+    assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
+    job(tiny_llama, src, in_place=True)  # generated columns are replaced, not duplicated
+    assert src.read_bytes() == first
+    assert [p.name for p in tmp_path.iterdir()] == [name]
