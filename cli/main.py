@@ -80,26 +80,52 @@ def sampling_overrides(**values: Any) -> dict[str, Any]:
 
 @app.command()
 def run(
-    input: Annotated[Path, typer.Argument(help="Prompt file: .jsonl, OpenAI batch .jsonl, .parquet, or a datasets folder.")],
+    input: Annotated[
+        Path, typer.Argument(help="Prompt file: .jsonl, OpenAI batch .jsonl, .parquet, or a datasets folder.")
+    ],
     model: ModelOpt = BUNDLED_MODEL,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Output path. Default: <input stem>.out.<ext> beside the input.")] = None,
-    in_place: Annotated[bool, typer.Option("--in-place", help="Replace the input file itself (atomically).")] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="Output path. Default: <input stem>.out.<ext> beside the input."),
+    ] = None,
+    in_place: Annotated[
+        bool, typer.Option("--in-place", help="Replace the input file itself (atomically).")
+    ] = False,
     max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per row [default: 256].")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy [default: greedy, or the model's generation_config].")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="0 = greedy [default: greedy, or the model's generation_config].")
+    ] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = None,
-    seed: Annotated[int, typer.Option(help="Job seed; rows without a seed derive theirs from it and their id.")] = 0,
-    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past EOS up to max_tokens.")] = False,
+    seed: Annotated[
+        int, typer.Option(help="Job seed; rows without a seed derive theirs from it and their id.")
+    ] = 0,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Keep generating past EOS up to max_tokens.")
+    ] = False,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
-    dtype: Annotated[DType, typer.Option(help="Weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU).")] = DType.auto,
+    dtype: Annotated[
+        DType, typer.Option(help="Weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU).")
+    ] = DType.auto,
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
     block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
     token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,
-    kv_memory: Annotated[str | None, typer.Option(help="KV cache size: bytes like 8GiB, or a fraction of free memory like 0.5.")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="Refuse the whole file if any row is invalid (default: such rows get an error record).")] = False,
-    log_every: Annotated[float, typer.Option(help="Seconds between progress lines when not on a terminal.")] = 30.0,
+    kv_memory: Annotated[
+        str | None,
+        typer.Option(help="KV cache size: bytes like 8GiB, or a fraction of free memory like 0.5."),
+    ] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="Refuse the whole file if any row is invalid (default: such rows get an error record).",
+        ),
+    ] = False,
+    log_every: Annotated[
+        float, typer.Option(help="Seconds between progress lines when not on a terminal.")
+    ] = 30.0,
 ) -> None:
     """Generate a completion for every row and write them back into their rows."""
     try:
@@ -111,7 +137,10 @@ def run(
     except ValueError as exc:
         raise fail(EXIT_USAGE, str(exc)) from None
     sampling = sampling_overrides(
-        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
         ignore_eos=ignore_eos or None,
     )
     config = JobConfig(
@@ -146,7 +175,9 @@ def run(
 @app.command()
 def validate(
     input: Annotated[Path, typer.Argument(help="Prompt file to check.")],
-    model: Annotated[Path | None, typer.Option(help="Also tokenize with this checkpoint and check context lengths.")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Also tokenize with this checkpoint and check context lengths.")
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="As for run: used for the context check.")] = None,
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",

@@ -19,7 +19,10 @@ def summary_table(summary: JobSummary) -> Table:
     table.add_row("output", str(summary.output))
     table.add_row("rows", f"{summary.rows} ({summary.ok} ok, {summary.failed} failed)")
     table.add_row("prompt tokens", str(summary.prompt_tokens))
-    table.add_row("output tokens", f"{summary.output_tokens} ({summary.output_tokens / max(generate_s, 1e-9):.1f} tok/s)")
+    table.add_row(
+        "output tokens",
+        f"{summary.output_tokens} ({summary.output_tokens / max(generate_s, 1e-9):.1f} tok/s)",
+    )
     if summary.engine is not None:
         stats = summary.engine
         table.add_row(

@@ -1,10 +1,10 @@
 """The engine: takes requests in plan order and yields each one's completion as it finishes.
 
-    while work remains:
-        batch  = scheduler.schedule()        # decodes + prefill chunks within the token budget
-        logits = runner.execute(batch)       # one forward pass over the packed tokens
-        tokens = sample(logits, ...)         # one token per request that completed its prompt
-        yield from finished(...)             # EOS, stop string or max_tokens
+while work remains:
+    batch  = scheduler.schedule()        # decodes + prefill chunks within the token budget
+    logits = runner.execute(batch)       # one forward pass over the packed tokens
+    tokens = sample(logits, ...)         # one token per request that completed its prompt
+    yield from finished(...)             # EOS, stop string or max_tokens
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class Engine:
             sampling = [c.request for c in batch.chunks if c.samples]
             tokens = sample(logits, sampling)
             self._account(batch)
-            yield from self._advance(batch, dict(zip(map(id, sampling), tokens)))
+            yield from self._advance(batch, dict(zip(map(id, sampling), tokens, strict=True)))
         self.stats.peak_blocks = self.pool.peak_used
 
     def _advance(self, batch: StepBatch, new_tokens: dict[int, int]) -> Iterator[Completion]:

@@ -113,7 +113,11 @@ def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
             first_seen[row.id] = row
     if duplicates:
         shown = "; ".join(duplicates[:MAX_LISTED_PROBLEMS])
-        more = f" and {len(duplicates) - MAX_LISTED_PROBLEMS} more" if len(duplicates) > MAX_LISTED_PROBLEMS else ""
+        more = (
+            f" and {len(duplicates) - MAX_LISTED_PROBLEMS} more"
+            if len(duplicates) > MAX_LISTED_PROBLEMS
+            else ""
+        )
         raise InputError(
             f"{source.path}: row ids must be unique ('{source.columns.id}' field): {shown}{more}"
         )
@@ -121,7 +125,7 @@ def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
 
 def check_context(rows: list[Row], prompt_ids: list[list[int] | None], max_context: int) -> None:
     """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context."""
-    for row, ids in zip(rows, prompt_ids):
+    for row, ids in zip(rows, prompt_ids, strict=True):
         if ids is None or row.error:
             continue
         if len(ids) + row.params.max_tokens > max_context:
@@ -132,7 +136,7 @@ def check_context(rows: list[Row], prompt_ids: list[list[int] | None], max_conte
 
 
 def make_requests(rows: list[Row], prompt_ids: list[list[int] | None], job_seed: int) -> Iterator[Request]:
-    for row, ids in zip(rows, prompt_ids):
+    for row, ids in zip(rows, prompt_ids, strict=True):
         if row.error or ids is None:
             continue
         seed = row.params.seed if row.params.seed is not None else row_seed(job_seed, row.id)

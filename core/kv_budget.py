@@ -9,8 +9,18 @@ import torch
 
 from batchrun.core.kv_cache import KVCacheSpec
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 DEFAULT_CPU_SHARE = 0.25  # of available RAM
 DEFAULT_CPU_CAP = 8 * 2**30
 DEFAULT_GPU_SHARE = 0.90  # of free device memory after the weights are loaded

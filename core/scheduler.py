@@ -23,11 +23,7 @@ from batchrun.core.request import Request
 class ScheduledChunk:
     request: Request
     num_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
-
-    @property
-    def samples(self) -> bool:
-        """Whether this chunk completes the request's pending tokens (so a token is sampled)."""
-        return self.request.num_computed_tokens + self.num_tokens == self.request.num_tokens
+    samples: bool  # the chunk completes the request's pending tokens, so a token is sampled
 
 
 @dataclass(frozen=True)
@@ -96,4 +92,4 @@ class Scheduler:
         needed = self.spec.blocks_for(request.num_computed_tokens + num_tokens)
         while len(request.block_ids) < needed:
             request.block_ids.append(self.pool.allocate())
-        return ScheduledChunk(request, num_tokens)
+        return ScheduledChunk(request, num_tokens, samples=num_tokens == request.num_pending_tokens)

@@ -50,7 +50,7 @@ def _encode(items, add_special, rows, ids, tokenizer) -> None:
                 i = item[0]
                 rows[i].error = f"{rows[i].location}: the tokenizer failed on this row"
         return
-    for (i, _), token_ids in zip(items, encoded):
+    for (i, _), token_ids in zip(items, encoded, strict=True):
         if token_ids:
             ids[i] = token_ids
         else:

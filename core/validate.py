@@ -46,6 +46,7 @@ def validate_file(
         prompt_ids = tokenize_rows(rows, tokenizer)
         report.max_context = max_context_of(model)
         check_context(rows, prompt_ids, report.max_context)
-        report.token_lengths = [len(ids) for row, ids in zip(rows, prompt_ids) if ids and not row.error]
+        pairs = zip(rows, prompt_ids, strict=True)
+        report.token_lengths = [len(ids) for row, ids in pairs if ids and not row.error]
     report.problems = [row.error for row in rows if row.error]
     return report

@@ -36,7 +36,7 @@ def paged_attention(
     out = torch.empty_like(query)
     block_size = k_cache.shape[1]
     q_start = 0
-    for i, (q_len, kv_len) in enumerate(zip(meta.q_lens_host, meta.seq_lens_host)):
+    for i, (q_len, kv_len) in enumerate(zip(meta.q_lens_host, meta.seq_lens_host, strict=True)):
         blocks = meta.block_tables[i, : -(-kv_len // block_size)]
         k = k_cache[blocks].flatten(0, 1)[:kv_len]  # (L, Hkv, D)
         v = v_cache[blocks].flatten(0, 1)[:kv_len]

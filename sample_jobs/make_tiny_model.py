@@ -14,9 +14,9 @@ library reference), so the script needs no network. The weights come from a fixe
 from __future__ import annotations
 
 import argparse
+import pydoc_data.topics
 from pathlib import Path
 
-import pydoc_data.topics
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -44,13 +44,16 @@ def reference_generate(model_path: Path, prompts: list[list[int]], max_tokens: l
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     outputs = []
-    for ids, n in zip(prompts, max_tokens):
+    for ids, n in zip(prompts, max_tokens, strict=True):
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n, do_sample=False, pad_token_id=model.config.pad_token_id,
+                torch.tensor([ids]),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=model.config.pad_token_id,
             )
-        outputs.append(out[0, len(ids):].tolist())
+        outputs.append(out[0, len(ids) :].tolist())
     return outputs
 
 

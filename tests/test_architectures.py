@@ -7,7 +7,6 @@ shorter than the prompts so it matters); Phi-3 covers fused QKV projections.
 from __future__ import annotations
 
 import pytest
-from conftest import reference_generate, save_tiny_model
 from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
@@ -24,10 +23,20 @@ from batchrun.core.model_loader import SUPPORTED_MODEL_TYPES, load_model
 from batchrun.core.params import SamplingParams
 from batchrun.core.request import Request
 
+from conftest import reference_generate, save_tiny_model
+
 COMMON = dict(
-    vocab_size=2048, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    eos_token_id=2, pad_token_id=0, bos_token_id=None, initializer_range=0.1,
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=2,
+    pad_token_id=0,
+    bos_token_id=None,
+    initializer_range=0.1,
 )
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
@@ -51,12 +60,15 @@ def test_architecture_matches_transformers_generate(model_type, tmp_path):
     path = save_tiny_model(CONFIGS[model_type](), tmp_path / model_type)
     loaded = load_model(path, device="cpu", dtype="float32")
     tok = loaded.tokenizer
-    texts = ["The lighthouse was built in 1871 from local granite, and its lamp burned paraffin.",
-             "The lighthouse was built in 1871 from local granite. Who built it?", "Hello"]
+    texts = [
+        "The lighthouse was built in 1871 from local granite, and its lamp burned paraffin.",
+        "The lighthouse was built in 1871 from local granite. Who built it?",
+        "Hello",
+    ]
     prompts = [tok(t)["input_ids"] for t in texts]
     max_tokens = [12, 9, 14]
     expected = reference_generate(path, prompts, max_tokens)
     engine = build_engine(loaded, EngineConfig(block_size=4, token_budget=11))
-    requests = [Request(i, p, SamplingParams(max_tokens=n)) for i, (p, n) in enumerate(zip(prompts, max_tokens))]
+    requests = [Request(i, p, SamplingParams(max_tokens=max_tokens[i])) for i, p in enumerate(prompts)]
     got = {c.request_id: c.token_ids for c in engine.generate(requests)}
     assert [got[i] for i in range(len(prompts))] == expected

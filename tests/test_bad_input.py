@@ -43,8 +43,10 @@ def test_json_line_that_is_not_an_object(tiny_llama, tmp_path):
 
 
 def test_duplicate_ids_listed_with_lines(tiny_llama, tmp_path):
-    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"},
-                                              {"id": "a", "prompt": "z"}])
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"}, {"id": "a", "prompt": "z"}],
+    )
     assert_refused(tiny_llama, src, "unique", "id 'a' at line 3 (first at line 1)")
 
 
@@ -96,11 +98,13 @@ BAD_ROWS = [
 
 
 def test_bad_rows_get_error_records_and_the_job_goes_on(tiny_llama, tmp_path):
-    src = write_jsonl(tmp_path / "in.jsonl", [row for row, _, _ in BAD_ROWS] + [{"id": "ok", "prompt": "fine"}])
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [row for row, _, _ in BAD_ROWS] + [{"id": "ok", "prompt": "fine"}]
+    )
     summary = run_job(JobConfig(input=src, model=tiny_llama, sampling={"max_tokens": 2}))
     out = [json.loads(line) for line in (tmp_path / "in.out.jsonl").read_text().splitlines()]
     assert summary.failed == len(BAD_ROWS) and len(out) == len(BAD_ROWS) + 1
-    for record, (_, where, what) in zip(out, BAD_ROWS):
+    for record, (_, where, what) in zip(out, BAD_ROWS, strict=True):
         assert record["finish_reason"] == "error" and record["output"] is None
         assert where in record["error"] and what in record["error"]
     assert out[-1]["finish_reason"] == "length" and out[-1]["error"] is None

@@ -9,10 +9,11 @@ import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE_JOBS
 
 from batchrun.core.job import JobConfig, run_job
 from batchrun.core.rows import GENERATED_COLUMNS, Columns
+
+from conftest import SAMPLE_JOBS
 
 GENERATED = set(GENERATED_COLUMNS)
 
@@ -44,12 +45,14 @@ def test_jsonl_keeps_rows_columns_and_order(tiny_llama, tmp_path):
 
 def test_parquet_keeps_schema_and_order(tiny_llama, tmp_path):
     src = tmp_path / "p.parquet"
-    table = pa.table({
-        "id": [f"r{i}" for i in range(5)],
-        "prompt": [f"Prompt number {i} about apples." for i in range(5)],
-        "max_tokens": pa.array([3, None, 2, None, 1], type=pa.int64()),
-        "weight": [0.1, 0.2, 0.3, 0.4, 0.5],
-    })
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(5)],
+            "prompt": [f"Prompt number {i} about apples." for i in range(5)],
+            "max_tokens": pa.array([3, None, 2, None, 1], type=pa.int64()),
+            "weight": [0.1, 0.2, 0.3, 0.4, 0.5],
+        }
+    )
     pq.write_table(table, src, row_group_size=2)
     job(tiny_llama, src, output=tmp_path / "o.parquet")
     out = pq.read_table(tmp_path / "o.parquet")
@@ -77,7 +80,12 @@ def test_openai_batch_output_format(tiny_llama, tmp_path):
 def test_openai_batch_unsupported_request_is_a_row_error(tiny_llama, tmp_path):
     src = tmp_path / "b.jsonl"
     lines = [
-        {"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "Hello", "max_tokens": 2}},
+        {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {"prompt": "Hello", "max_tokens": 2},
+        },
         {"custom_id": "b", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}},
     ]
     src.write_text("\n".join(json.dumps(x) for x in lines))

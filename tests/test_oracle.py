@@ -4,7 +4,6 @@ row, whatever the token budget (chunked prefill), block size or KV budget."""
 from __future__ import annotations
 
 import pytest
-from conftest import reference_generate
 
 from batchrun.core.config import EngineConfig
 from batchrun.core.engine import build_engine
@@ -12,6 +11,8 @@ from batchrun.core.kv_cache import KVCacheSpec
 from batchrun.core.model_loader import load_model
 from batchrun.core.params import SamplingParams
 from batchrun.core.request import Request
+
+from conftest import reference_generate
 
 SYSTEM = "You are a careful analyst. Answer from the document only, briefly."
 DOCS = ["The lighthouse was built in 1871 from granite.", "The bakery sells rye bread by nine."]
@@ -44,7 +45,9 @@ def expected(tiny_llama, workload):
 def run_engine(loaded, prompts, max_tokens, order=None, **engine_kwargs):
     engine = build_engine(loaded, EngineConfig(**engine_kwargs))
     order = order if order is not None else range(len(prompts))
-    requests = [Request(i, prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=False)) for i in order]
+    requests = [
+        Request(i, prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=False)) for i in order
+    ]
     done = {c.request_id: c for c in engine.generate(requests)}
     assert engine.pool.num_free == engine.pool.num_blocks, "KV blocks leaked"
     assert engine.scheduler.num_reserved == 0
@@ -72,9 +75,11 @@ def test_oracle_holds_when_kv_memory_forces_admission_rounds(loaded, workload, e
     prompts, max_tokens = workload
     spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=8)
     # Room for the largest single request only, so requests run a few at a time.
-    largest = max(len(p) + n for p, n in zip(prompts, max_tokens))
+    largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
     budget = spec.blocks_for(largest) * spec.bytes_per_block
-    got, engine = run_engine(loaded, prompts, max_tokens, token_budget=256, block_size=8, kv_cache_bytes=budget)
+    got, engine = run_engine(
+        loaded, prompts, max_tokens, token_budget=256, block_size=8, kv_cache_bytes=budget
+    )
     assert got == expected
     assert engine.pool.num_blocks == spec.blocks_for(largest)
     assert engine.stats.peak_blocks <= engine.pool.num_blocks
