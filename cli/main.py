@@ -160,13 +160,14 @@ def run(
     try:
         summary = run_job(config, observer)
     except InputError as exc:
+        observer.close()
         raise fail(EXIT_INPUT, str(exc)) from None
     except Exception as exc:
         observer.close()
-        err.print_exception() if err.is_terminal else None
+        if err.is_terminal:
+            err.print_exception()
         raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
-    finally:
-        observer.close()
+    observer.close()
     out.print(summary_table(summary))
     if summary.failed:
         raise typer.Exit(EXIT_ROWS_FAILED)

@@ -24,8 +24,10 @@ class ConsoleObserver(JobObserver):
         self.start = self.last_log = time.monotonic()
 
     def phase(self, name: str) -> None:
-        if not self.progress:
-            self.console.log(f"{name} ...") if self.interactive else self._plain(name)
+        if self.interactive:
+            self.console.log(f"{name} ...")
+        else:
+            self._plain(name)
 
     def started(self, total_rows: int) -> None:
         self.total = total_rows

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
     token_budget: int = 2048  # max tokens (decodes + prefill chunks) packed into one step
-    kv_cache_bytes: int | None = None  # None: a default share of free memory
+    # KV cache size: bytes (int), a fraction of free memory (float in (0, 1]), or None for
+    # the default share (see kv_budget.py).
+    kv_cache_bytes: int | float | None = None
     attention_backend: str = "torch"
 
     def __post_init__(self) -> None:
@@ -17,5 +19,6 @@ class EngineConfig:
             raise ValueError(f"block size must be >= 1, got {self.block_size}")
         if self.token_budget < 1:
             raise ValueError(f"token budget must be >= 1, got {self.token_budget}")
-        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
-            raise ValueError(f"KV cache memory must be positive, got {self.kv_cache_bytes}")
+        kv = self.kv_cache_bytes
+        if kv is not None and (kv <= 0 or (isinstance(kv, float) and kv > 1)):
+            raise ValueError(f"KV cache memory must be bytes > 0 or a fraction in (0, 1], got {kv}")
