@@ -10,6 +10,7 @@ Exit codes (also in ``batchrun --help``):
 
 from __future__ import annotations
 
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -20,11 +21,14 @@ import typer
 from rich.console import Console
 
 from batchrun.cli.progress import ConsoleObserver
-from batchrun.cli.render import summary_table, validation_table
+from batchrun.cli.render import plan_tables, summary_table, validation_table
 from batchrun.core.config import EngineConfig
 from batchrun.core.job import JobConfig, run_job
 from batchrun.core.kv_budget import parse_memory
 from batchrun.core.params import ParamError, SamplingParams
+from batchrun.core.plan import ORDER_INPUT, ORDER_PLAN
+from batchrun.core.plan_io import save_plan
+from batchrun.core.plan_report import plan_job
 from batchrun.core.rows import Columns, InputError
 from batchrun.core.validate import validate_file
 
@@ -45,6 +49,11 @@ class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
     cuda = "cuda"
+
+
+class Order(str, Enum):
+    plan = ORDER_PLAN
+    input = ORDER_INPUT
 
 
 class DType(str, Enum):
@@ -126,6 +135,17 @@ def run(
     log_every: Annotated[
         float, typer.Option(help="Seconds between progress lines when not on a terminal.")
     ] = 30.0,
+    plan: Annotated[
+        Path | None,
+        typer.Option(help="Execute a plan saved by `batchrun plan --save` (checked against the input)."),
+    ] = None,
+    prefix_sharing: Annotated[
+        bool,
+        typer.Option(help="Compute shared prompt prefixes once. --no-prefix-sharing: for comparison."),
+    ] = True,
+    order: Annotated[
+        Order, typer.Option(help="plan: shared prefixes together, decode-heavy first; input: file order.")
+    ] = Order.plan,
 ) -> None:
     """Generate a completion for every row and write them back into their rows."""
     try:
@@ -155,6 +175,9 @@ def run(
         dtype=dtype.value,
         engine=engine,
         strict=strict,
+        plan_file=plan,
+        prefix_sharing=prefix_sharing,
+        order=order.value,
     )
     observer = ConsoleObserver(err, log_every=log_every)
     try:
@@ -193,6 +216,61 @@ def validate(
     out.print(validation_table(report))
     if report.problems:
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+@app.command("plan")
+def plan_command(
+    input: Annotated[Path, typer.Argument(help="Prompt file, as for run.")],
+    model: ModelOpt = BUNDLED_MODEL,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead of tables.")
+    ] = False,
+    top: Annotated[int, typer.Option(help="Shared segments and groups to show.")] = 10,
+    save: Annotated[
+        Path | None, typer.Option(help="Write the plan here; `batchrun run --plan PATH` executes it.")
+    ] = None,
+    block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block, as for run.")] = 16,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="As for run: output-length estimate and context check.")
+    ] = None,
+    kv_memory: Annotated[
+        str | None,
+        typer.Option(help="KV budget for the LRU comparison, as for run (default: what run would get here)."),
+    ] = None,
+    prompt_column: PromptColumn = "prompt",
+    messages_column: MessagesColumn = "messages",
+    id_column: IdColumn = "id",
+) -> None:
+    """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
+    if block_size < 1 or top < 0:
+        raise fail(EXIT_USAGE, "--block-size must be >= 1 and --top >= 0")
+    try:
+        budget = parse_memory(kv_memory) if kv_memory else None
+    except ValueError as exc:
+        raise fail(EXIT_USAGE, str(exc)) from None
+    sampling = sampling_overrides(max_tokens=max_tokens)
+    try:
+        report, plan = plan_job(
+            input,
+            model,
+            columns=Columns(prompt_column, messages_column, id_column),
+            sampling=sampling,
+            block_size=block_size,
+            kv_memory=budget,
+            top=top,
+        )
+    except InputError as exc:
+        raise fail(EXIT_INPUT, str(exc)) from None
+    if save is not None:
+        save_plan(plan, save, input, model.name)
+    if json_output:
+        document = report.to_json() | {"saved_to": str(save) if save else None}
+        print(json.dumps(document, indent=2))
+        return
+    for renderable in plan_tables(report):
+        out.print(renderable)
+    if save is not None:
+        out.print(f"plan saved to {save}; run it with: batchrun run {input} --plan {save}")
 
 
 def main() -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 
+from rich.markup import escape
 from rich.table import Table
+from rich.tree import Tree
 
 from batchrun.core.job import JobSummary
+from batchrun.core.plan_report import PlanReport
 from batchrun.core.validate import ValidationReport
 
 
@@ -22,6 +25,12 @@ def summary_table(summary: JobSummary) -> Table:
     table.add_row(
         "output tokens",
         f"{summary.output_tokens} ({summary.output_tokens / max(generate_s, 1e-9):.1f} tok/s)",
+    )
+    plan = summary.plan
+    table.add_row(
+        "plan",
+        f"{plan.computed_tokens:,} of {plan.prompt_tokens:,} prompt tokens to compute "
+        f"(saving {plan.saving:.1%}), {plan.shared_segments} shared segments",
     )
     if summary.engine is not None:
         stats = summary.engine
@@ -54,3 +63,73 @@ def validation_table(report: ValidationReport) -> Table:
     if len(report.problems) > 20:
         table.add_row("[red]problem", f"... and {len(report.problems) - 20} more")
     return table
+
+
+def plan_tables(report: PlanReport) -> list[Table | Tree]:
+    """Summary, cost comparison, the top shared segments as a tree, and the largest groups."""
+    s = report.summary
+    summary = Table(title=f"batchrun plan: {report.input}", show_header=False, title_justify="left")
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row("model", report.model)
+    summary.add_row("rows", f"{s.rows} ({s.runnable_rows} planned)")
+    summary.add_row("prompt tokens", f"{s.prompt_tokens:,}")
+    summary.add_row("tokens to compute", f"{s.computed_tokens:,} (saving {s.saving:.1%})")
+    summary.add_row(
+        "shared segments",
+        f"{s.shared_segments:,} ({s.shared_segment_tokens:,} tokens), {s.groups:,} first-level groups",
+    )
+    summary.add_row("block size", str(s.block_size))
+    summary.add_row(
+        "KV memory",
+        f"{report.kv_bytes_per_token:,} B/token; all rows at once {_bytes(report.all_resident_kv_bytes)}, "
+        f"budget {_bytes(report.kv_budget_bytes)}",
+    )
+    if report.over_context_count:
+        summary.add_row(
+            "[red]over context",
+            f"{report.over_context_count} row(s) exceed the model's context of {report.max_context} "
+            "tokens and will get an error record",
+        )
+        for message in report.over_context_rows:
+            summary.add_row("", message)
+    if report.invalid_rows:
+        summary.add_row("[red]invalid rows", f"{report.invalid_rows} (run `batchrun validate` for details)")
+
+    costs = Table(title="what it would cost (prompt tokens computed)", title_justify="left")
+    costs.add_column("strategy")
+    costs.add_column("tokens computed", justify="right")
+    costs.add_column("saving", justify="right")
+    for name, computed in (
+        ("no prefix sharing", s.prompt_tokens),
+        ("LRU prefix cache, file order (upper bound)", report.lru_computed_tokens),
+        ("batchrun plan", s.computed_tokens),
+    ):
+        saving = 1 - computed / s.prompt_tokens if s.prompt_tokens else 0.0
+        costs.add_row(name, f"{computed:,}", f"{saving:.1%}")
+
+    tree = Tree(f"top {len(report.top_segments)} shared segments (by tokens saved)")
+    nodes: dict[int, Tree] = {}
+    for seg in report.top_segments:
+        parent = nodes.get(seg.parent, tree)
+        label = (
+            f"[bold]#{seg.id}[/] {seg.tokens} tokens × {seg.users} rows, depth {seg.depth}, "
+            f"saves {seg.saved_tokens:,}  [dim]{escape(seg.preview)!r}[/]"
+        )
+        nodes[seg.id] = parent.add(label)
+
+    groups = Table(title="largest first-level groups", title_justify="left")
+    groups.add_column("group (segment)")
+    groups.add_column("shared prefix tokens", justify="right")
+    groups.add_column("rows", justify="right")
+    for group in report.top_groups:
+        groups.add_row(f"#{group.segment}", str(group.prefix_tokens), str(group.rows))
+    return [summary, costs, tree, groups]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"

@@ -12,8 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import torch
-
 from batchrun.core.config import EngineConfig
 from batchrun.core.kv_budget import kv_cache_bytes, num_blocks_for
 from batchrun.core.kv_cache import BlockPool, KVCache, KVCacheSpec
@@ -105,25 +103,13 @@ class Engine:
         return Completion(request.request_id, [], "", "error", message)
 
 
-def cache_spec(model: torch.nn.Module, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
-    config = model.config.get_text_config()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return KVCacheSpec(
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        head_dim=head_dim,
-        dtype=dtype,
-        block_size=block_size,
-    )
-
-
 def build_engine(loaded: LoadedModel, config: EngineConfig, useful_tokens: int | None = None) -> Engine:
     """Size the KV cache for ``loaded`` within the budget and wire up an engine.
 
     ``useful_tokens`` (the sum of prompt + max_tokens over the job) caps the cache, so a
     small job does not allocate gigabytes it can never touch.
     """
-    spec = cache_spec(loaded.model, loaded.dtype, config.block_size)
+    spec = KVCacheSpec.from_config(loaded.model.config, loaded.dtype, config.block_size)
     budget = kv_cache_bytes(loaded.device, config.kv_cache_bytes)
     kv_cache = KVCache(spec, num_blocks_for(spec, budget, useful_tokens), loaded.device)
     runner = ModelRunner(loaded.model, kv_cache, get_backend(config.attention_backend))

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchrun.core.config import EngineConfig
 from batchrun.core.engine import Completion, EngineStats, build_engine
 from batchrun.core.io import OutputContext, PromptSource, open_source
@@ -25,6 +27,9 @@ from batchrun.core.model_loader import (
     model_sampling_defaults,
 )
 from batchrun.core.params import SamplingParams
+from batchrun.core.plan import ORDER_PLAN, Plan, PlanSummary, build_plan
+from batchrun.core.plan_io import load_plan
+from batchrun.core.prompt_tokens import PromptTokens
 from batchrun.core.request import Request
 from batchrun.core.rows import Columns, InputError, Row, RowResult, parse_row
 from batchrun.core.sampler import make_generator, row_seed
@@ -46,6 +51,9 @@ class JobConfig:
     dtype: str = "auto"
     engine: EngineConfig = EngineConfig()
     strict: bool = False  # refuse the whole file if any row is invalid
+    plan_file: Path | None = None  # a plan saved by `batchrun plan --save` (checked against the input)
+    prefix_sharing: bool = True  # False: compute every prompt in full (for comparison)
+    order: str = ORDER_PLAN  # or ORDER_INPUT: file order (for comparison)
 
 
 class JobObserver:
@@ -68,6 +76,7 @@ class JobSummary:
     output_tokens: int
     seconds: dict[str, float]  # per phase
     engine: EngineStats | None
+    plan: PlanSummary
     errors: list[str]  # the first few row errors
 
     @property
@@ -123,25 +132,56 @@ def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
         )
 
 
-def check_context(rows: list[Row], prompt_ids: list[list[int] | None], max_context: int) -> None:
+def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> None:
     """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context."""
-    for row, ids in zip(rows, prompt_ids, strict=True):
-        if ids is None or row.error:
+    lengths = prompts.lengths.tolist()
+    for row, length in zip(rows, lengths, strict=True):
+        if row.error:
             continue
-        if len(ids) + row.params.max_tokens > max_context:
+        if length + row.params.max_tokens > max_context:
             row.error = (
-                f"{row.location}: prompt ({len(ids)} tokens) + max_tokens ({row.params.max_tokens}) "
+                f"{row.location}: prompt ({length} tokens) + max_tokens ({row.params.max_tokens}) "
                 f"exceeds the model's context of {max_context} tokens; shorten the prompt or lower max_tokens"
             )
 
 
-def make_requests(rows: list[Row], prompt_ids: list[list[int] | None], job_seed: int) -> Iterator[Request]:
-    for row, ids in zip(rows, prompt_ids, strict=True):
-        if row.error or ids is None:
-            continue
+def runnable_mask(rows: list[Row]) -> np.ndarray:
+    return np.fromiter((row.error is None for row in rows), dtype=bool, count=len(rows))
+
+
+def expected_output_tokens(rows: list[Row]) -> np.ndarray:
+    """Each row's output-length estimate for the plan: its hint, else its ``max_tokens``."""
+
+    def estimate(row: Row) -> int:
+        if row.error:
+            return 0
+        return row.expected_tokens if row.expected_tokens is not None else row.params.max_tokens
+
+    return np.fromiter(map(estimate, rows), dtype=np.int64, count=len(rows))
+
+
+def make_plan(config: JobConfig, rows: list[Row], prompts: PromptTokens) -> Plan:
+    """The job's plan: loaded from ``config.plan_file`` (checked against the input), or built."""
+    runnable = runnable_mask(rows)
+    if config.plan_file is not None:
+        return load_plan(config.plan_file, prompts, runnable, config.engine.block_size)
+    return build_plan(
+        prompts,
+        runnable,
+        expected_output_tokens(rows),
+        config.engine.block_size,
+        sharing=config.prefix_sharing,
+        order=config.order,
+    )
+
+
+def make_requests(rows: list[Row], prompts: PromptTokens, plan: Plan, job_seed: int) -> Iterator[Request]:
+    """One request per runnable row, in plan order."""
+    for index in plan.order.tolist():
+        row = rows[index]
         seed = row.params.seed if row.params.seed is not None else row_seed(job_seed, row.id)
         generator = None if row.params.greedy else make_generator(seed)
-        yield Request(row.index, ids, row.params, generator)
+        yield Request(row.index, prompts[index].tolist(), row.params, generator)
 
 
 def result_of(completion: Completion, prompt_tokens: int) -> RowResult:
@@ -183,13 +223,17 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     lap("load")
 
     observer.phase("tokenizing")
-    prompt_ids = tokenize_rows(rows, loaded.tokenizer)
-    check_context(rows, prompt_ids, loaded.max_context)
+    prompts = tokenize_rows(rows, loaded.tokenizer)
+    check_context(rows, prompts, loaded.max_context)
     lap("tokenize")
+
+    observer.phase("planning")
+    plan = make_plan(config, rows, prompts)
+    lap("plan")
 
     observer.phase("generating")
     observer.started(len(rows))
-    results, stats = generate(config, loaded, rows, prompt_ids, observer)
+    results, stats = generate(config, loaded, rows, prompts, plan, observer)
     lap("generate")
 
     observer.phase("writing")
@@ -206,6 +250,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
         output_tokens=sum(r.output_tokens for r in results),
         seconds=seconds,
         engine=stats,
+        plan=plan.summary,
         errors=errors[:MAX_LISTED_PROBLEMS],
     )
 
@@ -214,7 +259,8 @@ def generate(
     config: JobConfig,
     loaded: LoadedModel,
     rows: list[Row],
-    prompt_ids: list[list[int] | None],
+    prompts: PromptTokens,
+    plan: Plan,
     observer: JobObserver,
 ) -> tuple[list[RowResult], EngineStats | None]:
     """Run every valid row through the engine; invalid rows get their error record."""
@@ -223,14 +269,14 @@ def generate(
         if row.error:
             results[row.index] = RowResult.failed(row.error)
             observer.row_finished(results[row.index])
-    requests = list(make_requests(rows, prompt_ids, config.seed))
+    requests = list(make_requests(rows, prompts, plan, config.seed))
     stats = None
     if requests:
         useful = sum(r.max_total_tokens for r in requests)
         engine = build_engine(loaded, config.engine, useful_tokens=useful)
         for completion in engine.generate(requests):
             index = completion.request_id
-            result = result_of(completion, len(prompt_ids[index] or ()))
+            result = result_of(completion, len(prompts[index]))
             results[index] = result
             observer.row_finished(result)
         stats = engine.stats

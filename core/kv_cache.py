@@ -76,8 +76,25 @@ class KVCacheSpec:
         per_token = 2 * self.num_layers * self.num_kv_heads * self.head_dim
         return per_token * self.block_size * torch.finfo(self.dtype).bits // 8
 
+    @property
+    def bytes_per_token(self) -> int:
+        return self.bytes_per_block // self.block_size
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype, block_size: int) -> KVCacheSpec:
+        """The spec of a transformers model config (its text config for multimodal ones)."""
+        config = config.get_text_config()
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=head_dim,
+            dtype=dtype,
+            block_size=block_size,
+        )
 
 
 class KVCache:

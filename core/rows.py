@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from batchrun.core.params import ROW_PARAM_KEYS, ParamError, SamplingParams
+from batchrun.core.params import ROW_PARAM_KEYS, ParamError, SamplingParams, check_int
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -37,6 +37,7 @@ class Row:
     prompt: str | None = None  # raw text prompt, or ...
     messages: list[dict[str, Any]] | None = None  # ... a chat, rendered with the chat template
     params: SamplingParams | None = None
+    expected_tokens: int | None = None  # optional hint of the output length, for the plan's order
     error: str | None = None  # set when the row cannot run
 
 
@@ -69,6 +70,9 @@ class RowResult:
 # A format may flag a row it cannot express in batchrun terms under this key.
 ROW_PROBLEM = "__batchrun_row_problem__"
 
+# Optional per-row hint: how many tokens the row is expected to generate (orders the plan).
+EXPECTED_TOKENS = "expected_tokens"
+
 GENERATED_COLUMNS = ("output", "prompt_tokens", "output_tokens", "finish_reason", "error")
 
 
@@ -94,6 +98,9 @@ def parse_row(
     try:
         row.prompt, row.messages = _prompt_of(fields, columns)
         row.params = defaults.with_overrides({k: fields.get(k) for k in ROW_PARAM_KEYS})
+        row.expected_tokens = fields.get(EXPECTED_TOKENS)
+        if row.expected_tokens is not None:
+            check_int(EXPECTED_TOKENS, row.expected_tokens, minimum=0)
     except (ParamError, TypeError) as exc:
         row.error = f"{location}: {exc}"
     return row

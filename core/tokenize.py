@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
+from batchrun.core.prompt_tokens import PromptTokens, PromptTokensBuilder
 from batchrun.core.rows import Row
 
 TOKENIZE_BATCH = 1024
@@ -18,13 +19,14 @@ def render(row: Row, tokenizer: PreTrainedTokenizerBase) -> str:
     return tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
 
 
-def tokenize_rows(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[list[int] | None]:
-    """Token ids per row (``None`` where the row has or gets an error).
+def tokenize_rows(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> PromptTokens:
+    """Token ids of every row (length 0 where the row has or gets an error).
 
     Raw prompts get the tokenizer's special tokens (e.g. BOS); rendered chats already
     contain them. A row the tokenizer fails on gets ``row.error``; the others go on.
+    Each batch goes straight into a numpy chunk, so memory stays ~4 bytes per token.
     """
-    ids: list[list[int] | None] = [None] * len(rows)
+    ids = PromptTokensBuilder(len(rows))
     pending: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
     for i, row in enumerate(rows):
         if row.error:
@@ -36,10 +38,10 @@ def tokenize_rows(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> list[l
     for add_special, items in pending.items():
         for start in range(0, len(items), TOKENIZE_BATCH):
             _encode(items[start : start + TOKENIZE_BATCH], add_special, rows, ids, tokenizer)
-    return ids
+    return ids.build()
 
 
-def _encode(items, add_special, rows, ids, tokenizer) -> None:
+def _encode(items, add_special, rows, ids: PromptTokensBuilder, tokenizer) -> None:
     try:
         encoded = tokenizer([text for _, text in items], add_special_tokens=add_special)["input_ids"]
     except Exception:  # isolate the bad row(s): retry one by one
@@ -51,7 +53,6 @@ def _encode(items, add_special, rows, ids, tokenizer) -> None:
                 rows[i].error = f"{rows[i].location}: the tokenizer failed on this row"
         return
     for (i, _), token_ids in zip(items, encoded, strict=True):
-        if token_ids:
-            ids[i] = token_ids
-        else:
+        if not token_ids:
             rows[i].error = f"{rows[i].location}: the prompt tokenizes to no tokens"
+    ids.set_many((i for i, _ in items), encoded)

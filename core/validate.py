@@ -43,10 +43,10 @@ def validate_file(
     report = ValidationReport(path, source.format_name, len(rows))
     if model is not None:
         tokenizer = load_tokenizer(model)
-        prompt_ids = tokenize_rows(rows, tokenizer)
+        prompts = tokenize_rows(rows, tokenizer)
         report.max_context = max_context_of(model)
-        check_context(rows, prompt_ids, report.max_context)
-        pairs = zip(rows, prompt_ids, strict=True)
-        report.token_lengths = [len(ids) for row, ids in pairs if ids and not row.error]
+        check_context(rows, prompts, report.max_context)
+        lengths = prompts.lengths.tolist()
+        report.token_lengths = [n for row, n in zip(rows, lengths, strict=True) if not row.error]
     report.problems = [row.error for row in rows if row.error]
     return report

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 from batchrun.core.io.atomic import atomic_dir, atomic_file
 from batchrun.core.io.source import OutputContext, PromptSource
 from batchrun.core.params import ROW_PARAM_KEYS
-from batchrun.core.rows import GENERATED_COLUMNS, Columns, InputError, RowResult
+from batchrun.core.rows import EXPECTED_TOKENS, GENERATED_COLUMNS, Columns, InputError, RowResult
 
 BATCH_ROWS = 4096
 
@@ -40,7 +40,7 @@ def _needed_columns(path: Path, schema: pa.Schema, columns: Columns) -> list[str
             f"{path}: no '{columns.prompt}' or '{columns.messages}' column "
             f"(columns are {sorted(names)}); name yours with --prompt-column or --messages-column"
         )
-    wanted = (columns.prompt, columns.messages, columns.id, *ROW_PARAM_KEYS)
+    wanted = (columns.prompt, columns.messages, columns.id, *ROW_PARAM_KEYS, EXPECTED_TOKENS)
     return [c for c in wanted if c in names]
 
 
