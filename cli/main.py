@@ -112,6 +112,14 @@ def run(
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Keep generating past EOS up to max_tokens.")
     ] = False,
+    n: Annotated[
+        int | None,
+        typer.Option("--n", help="Samples per row; they share the prompt's KV. Output becomes a list."),
+    ] = None,
+    logprobs: Annotated[
+        int | None,
+        typer.Option(help="Add a logprobs column: each token's logprob and the K most likely tokens."),
+    ] = None,
     device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
     dtype: Annotated[
         DType, typer.Option(help="Weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU).")
@@ -125,6 +133,13 @@ def run(
         str | None,
         typer.Option(help="KV cache size: bytes like 8GiB, or a fraction of free memory like 0.5."),
     ] = None,
+    reserve_full: Annotated[
+        bool,
+        typer.Option(
+            "--reserve-full",
+            help="Reserve each row's whole max_tokens of KV at admission: never preempt, admit fewer.",
+        ),
+    ] = False,
     strict: Annotated[
         bool,
         typer.Option(
@@ -153,6 +168,7 @@ def run(
             block_size=block_size,
             token_budget=token_budget,
             kv_cache_bytes=parse_memory(kv_memory) if kv_memory else None,
+            reserve_full=reserve_full,
         )
     except ValueError as exc:
         raise fail(EXIT_USAGE, str(exc)) from None
@@ -162,6 +178,8 @@ def run(
         top_p=top_p,
         top_k=top_k,
         ignore_eos=ignore_eos or None,
+        n=n,
+        logprobs=logprobs,
     )
     config = JobConfig(
         input=input,

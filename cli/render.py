@@ -35,9 +35,15 @@ def summary_table(summary: JobSummary) -> Table:
     if summary.engine is not None:
         stats = summary.engine
         table.add_row(
+            "prompt tokens computed",
+            f"{stats.prefill_tokens:,} of {stats.prompt_tokens:,} (saving {stats.saving:.1%}, "
+            f"{stats.cached_prompt_tokens:,} read from shared blocks)",
+        )
+        table.add_row(
             "engine",
             f"{stats.steps} steps, {stats.mean_tokens_per_step:.1f} tokens/step, "
-            f"peak KV {stats.peak_blocks}/{stats.num_blocks} blocks",
+            f"peak KV {stats.peak_blocks}/{stats.num_blocks} blocks, {stats.preemptions} preemptions; "
+            f"prefill {stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s",
         )
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()))
     for error in summary.errors:

@@ -13,6 +13,7 @@ class EngineConfig:
     # the default share (see kv_budget.py).
     kv_cache_bytes: int | float | None = None
     attention_backend: str = "torch"
+    reserve_full: bool = False  # reserve every request's whole max_tokens at admission (no preemption)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

@@ -30,8 +30,8 @@ from batchrun.core.params import SamplingParams
 from batchrun.core.plan import ORDER_PLAN, Plan, PlanSummary, build_plan
 from batchrun.core.plan_io import load_plan
 from batchrun.core.prompt_tokens import PromptTokens
-from batchrun.core.request import Request
-from batchrun.core.rows import Columns, InputError, Row, RowResult, parse_row
+from batchrun.core.request import Request, SegmentRef
+from batchrun.core.rows import Columns, InputError, OutputShape, Row, RowResult, parse_row
 from batchrun.core.sampler import make_generator, row_seed
 from batchrun.core.tokenize import tokenize_rows
 
@@ -175,24 +175,73 @@ def make_plan(config: JobConfig, rows: list[Row], prompts: PromptTokens) -> Plan
     )
 
 
-def make_requests(rows: list[Row], prompts: PromptTokens, plan: Plan, job_seed: int) -> Iterator[Request]:
-    """One request per runnable row, in plan order."""
+def make_requests(
+    rows: list[Row], prompts: PromptTokens, plan: Plan, job_seed: int, sample_sharing: bool = True
+) -> Iterator[Request]:
+    """The requests of the runnable rows in plan order: one per sample, each reading its
+    plan segments; the ``n`` samples of a row also share its prompt as one more segment."""
+    tree, block_size = plan.tree, plan.block_size
+    paths: dict[int, tuple[SegmentRef, ...]] = {-1: ()}
     for index in plan.order.tolist():
         row = rows[index]
-        seed = row.params.seed if row.params.seed is not None else row_seed(job_seed, row.id)
-        generator = None if row.params.greedy else make_generator(seed)
-        yield Request(row.index, prompts[index].tolist(), row.params, generator)
+        params = row.params
+        deepest = int(tree.row_segment[index])
+        if deepest not in paths:
+            paths[deepest] = tuple(
+                SegmentRef(s, int(tree.start[s]), int(tree.end[s])) for s in tree.path(deepest)
+            )
+        segments = paths[deepest]
+        prompt = prompts[index]
+        shared_end = segments[-1].end if segments else 0
+        own_end = (len(prompt) - 1) // block_size * block_size  # full blocks before the last token
+        if params.n > 1 and sample_sharing and own_end > shared_end:
+            segments += (SegmentRef(len(tree) + index, shared_end, own_end),)
+        seed = params.seed if params.seed is not None else row_seed(job_seed, row.id)
+        for k in range(params.n):
+            sample_seed = seed if k == 0 else row_seed(seed, f"sample {k}")
+            generator = None if params.greedy else make_generator(sample_seed)
+            yield Request(
+                row.index,
+                prompt,
+                params,
+                generator,
+                sample_index=k,
+                segments=segments,
+                expected_output=row.expected_tokens,
+            )
 
 
-def result_of(completion: Completion, prompt_tokens: int) -> RowResult:
-    if completion.finish_reason == "error":
-        return RowResult.failed(completion.error or "generation failed", prompt_tokens)
+def output_shape(rows: list[Row]) -> OutputShape:
+    runnable = [row.params for row in rows if row.params is not None]
+    return OutputShape(
+        samples=any(p.n > 1 for p in runnable), logprobs=any(p.logprobs is not None for p in runnable)
+    )
+
+
+def row_result(completions: list[Completion], prompt_tokens: int) -> RowResult:
+    """One row's result from its samples' completions (one unless the row asked for n > 1)."""
+    done = sorted(completions, key=lambda c: c.sample_index)
+    failed = [c for c in done if c.finish_reason == "error"]
+    if failed:
+        return RowResult.failed(failed[0].error or "generation failed", prompt_tokens)
+    cached = sum(c.cached_tokens for c in done)
+    output_tokens = sum(len(c.token_ids) for c in done)
+    if len(done) == 1:
+        (c,) = done
+        return RowResult(
+            c.text, prompt_tokens, output_tokens, c.finish_reason, None, cached, c.token_ids, c.logprobs
+        )
+    reason = "length" if any(c.finish_reason == "length" for c in done) else "stop"
+    logprobs = [c.logprobs for c in done] if done[0].logprobs is not None else None
     return RowResult(
-        output=completion.text,
-        prompt_tokens=prompt_tokens,
-        output_tokens=len(completion.token_ids),
-        finish_reason=completion.finish_reason,  # type: ignore[arg-type]
-        token_ids=completion.token_ids,
+        [c.text for c in done],
+        prompt_tokens,
+        output_tokens,
+        reason,  # type: ignore[arg-type]
+        None,
+        cached,
+        [c.token_ids for c in done],
+        logprobs,
     )
 
 
@@ -237,7 +286,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     lap("generate")
 
     observer.phase("writing")
-    source.write(output, results, OutputContext(loaded.name, int(time.time())))
+    source.write(output, results, OutputContext(loaded.name, int(time.time()), output_shape(rows)))
     lap("write")
 
     errors = [r.error for r in results if r.error]
@@ -269,16 +318,19 @@ def generate(
         if row.error:
             results[row.index] = RowResult.failed(row.error)
             observer.row_finished(results[row.index])
-    requests = list(make_requests(rows, prompts, plan, config.seed))
+    requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
     if requests:
         useful = sum(r.max_total_tokens for r in requests)
         engine = build_engine(loaded, config.engine, useful_tokens=useful)
+        pending: dict[int, list[Completion]] = {}
         for completion in engine.generate(requests):
             index = completion.request_id
-            result = result_of(completion, len(prompts[index]))
-            results[index] = result
-            observer.row_finished(result)
+            samples = pending.setdefault(index, [])
+            samples.append(completion)
+            if len(samples) == rows[index].params.n:
+                results[index] = row_result(pending.pop(index), len(prompts[index]))
+                observer.row_finished(results[index])
         stats = engine.stats
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:

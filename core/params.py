@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 # Keys a row may carry to override the job's defaults.
-ROW_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+ROW_PARAM_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "n", "logprobs")
+MAX_TOP_LOGPROBS = 20
 
 
 class ParamError(ValueError):
@@ -26,6 +27,8 @@ class SamplingParams:
     seed: int | None = None  # None: derived from the job seed and the row index
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # samples per row; they share the prompt's KV blocks
+    logprobs: int | None = None  # None: none; K: each token's logprob and the K most likely
 
     def __post_init__(self) -> None:
         check_int("max_tokens", self.max_tokens, minimum=1)
@@ -36,6 +39,11 @@ class SamplingParams:
         check_int("top_k", self.top_k, minimum=-1)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0)
+        check_int("n", self.n, minimum=1)
+        if self.logprobs is not None:
+            check_int("logprobs", self.logprobs, minimum=0)
+            if self.logprobs > MAX_TOP_LOGPROBS:
+                raise ParamError(f"logprobs must be <= {MAX_TOP_LOGPROBS}, got {self.logprobs}")
         if not all(isinstance(s, str) and s for s in self.stop):
             raise ParamError("stop must be a non-empty string or a list of non-empty strings")
 

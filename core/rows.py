@@ -41,30 +41,51 @@ class Row:
     error: str | None = None  # set when the row cannot run
 
 
+@dataclass(frozen=True)
+class OutputShape:
+    """Which generated columns a job writes, and their types (the same for every row, so
+    Parquet gets one schema)."""
+
+    samples: bool = False  # some row asked for n > 1: ``output`` is a list of strings
+    logprobs: bool = False  # some row asked for logprobs: add a ``logprobs`` column
+
+
 @dataclass
 class RowResult:
     """The generated columns of one output row."""
 
-    output: str | None
+    output: str | list[str] | None  # a list when the row was sampled n > 1 times
     prompt_tokens: int
-    output_tokens: int
-    finish_reason: FinishReason
+    output_tokens: int  # over all samples
+    finish_reason: FinishReason  # with n > 1: "length" if any sample was cut short
     error: str | None = None
-    token_ids: list[int] = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # prompt tokens read from shared KV blocks, not computed
+    token_ids: list = field(default_factory=list)  # per sample with n > 1
+    logprobs: list | None = None  # per token (per sample with n > 1), when asked for
 
     @classmethod
     def failed(cls, message: str, prompt_tokens: int = 0) -> RowResult:
         return cls(None, prompt_tokens, 0, "error", message)
 
-    def columns(self) -> dict[str, Any]:
+    def columns(self, shape: OutputShape = OutputShape()) -> dict[str, Any]:
         """The columns added to the input row, in output order."""
-        return {
-            "output": self.output,
+        output = self.output
+        if shape.samples and isinstance(output, str):
+            output = [output]
+        columns = {
+            "output": output,
             "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
             "output_tokens": self.output_tokens,
             "finish_reason": self.finish_reason,
             "error": self.error,
         }
+        if shape.logprobs:
+            logprobs = self.logprobs
+            if shape.samples and logprobs is not None and not isinstance(self.output, list):
+                logprobs = [logprobs]
+            columns["logprobs"] = logprobs
+        return columns
 
 
 # A format may flag a row it cannot express in batchrun terms under this key.
@@ -73,7 +94,16 @@ ROW_PROBLEM = "__batchrun_row_problem__"
 # Optional per-row hint: how many tokens the row is expected to generate (orders the plan).
 EXPECTED_TOKENS = "expected_tokens"
 
-GENERATED_COLUMNS = ("output", "prompt_tokens", "output_tokens", "finish_reason", "error")
+# Every column batchrun may add; a re-run replaces them all.
+GENERATED_COLUMNS = (
+    "output",
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "output_tokens",
+    "finish_reason",
+    "error",
+    "logprobs",
+)
 
 
 def parse_row(

@@ -46,3 +46,18 @@ def _sample_one(logits: torch.Tensor, request: Request) -> int:
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=request.generator).item())
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[dict]:
+    """Log-probabilities under the model's raw distribution (before temperature or top-k/p,
+    as vLLM reports them): of each chosen token, and the ``top`` most likely alternatives.
+
+    ``logits``: ``(S, vocab)``; returns one ``{"token", "logprob", "top": [...]}`` per row."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(1, torch.tensor(chosen, device=logits.device)[:, None])[:, 0].tolist()
+    entries = [{"token": t, "logprob": lp, "top": []} for t, lp in zip(chosen, picked, strict=True)]
+    if top > 0:
+        values, ids = torch.topk(logprobs, top, dim=-1)
+        for entry, vs, ts in zip(entries, values.tolist(), ids.tolist(), strict=True):
+            entry["top"] = [{"token": t, "logprob": v} for t, v in zip(ts, vs, strict=True)]
+    return entries

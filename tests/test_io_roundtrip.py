@@ -56,7 +56,8 @@ def test_parquet_keeps_schema_and_order(tiny_llama, tmp_path):
     pq.write_table(table, src, row_group_size=2)
     job(tiny_llama, src, output=tmp_path / "o.parquet")
     out = pq.read_table(tmp_path / "o.parquet")
-    assert out.schema.names == ["id", "prompt", "max_tokens", "weight", *GENERATED_COLUMNS]
+    generated = ["output", "prompt_tokens", "cached_prompt_tokens", "output_tokens", "finish_reason", "error"]
+    assert out.schema.names == ["id", "prompt", "max_tokens", "weight", *generated]
     assert out.select(table.schema.names).equals(table)
     assert out.column("output_tokens").to_pylist() == [3, 4, 2, 4, 1]
 
@@ -117,3 +118,31 @@ def test_in_place_replaces_the_input_and_is_rerunnable(tiny_llama, tmp_path, nam
     job(tiny_llama, src, in_place=True)  # generated columns are replaced, not duplicated
     assert src.read_bytes() == first
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_n_samples_and_logprobs_columns(tiny_llama, tmp_path, suffix):
+    rows = [
+        {"id": "a", "prompt": "Name three apples and a pear. " * 8, "n": 2, "temperature": 1.0, "seed": 5},
+        {"id": "b", "prompt": "Name three apples and a plum."},
+        {"id": "c", "prompt": "bad", "max_tokens": -1},
+    ]
+    src = tmp_path / f"in{suffix}"
+    if suffix == ".jsonl":
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        keys = sorted({k for r in rows for k in r})
+        pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in keys}), src)
+    out_path = tmp_path / f"out{suffix}"
+    run_job(
+        JobConfig(input=src, model=tiny_llama, output=out_path, sampling={"max_tokens": 3, "logprobs": 2})
+    )
+    out = read_jsonl(out_path) if suffix == ".jsonl" else pq.read_table(out_path).to_pylist()
+    a, b, c = out
+    assert len(a["output"]) == 2 and a["output_tokens"] == 6 and len(a["logprobs"]) == 2
+    assert len(b["output"]) == 1 and b["output_tokens"] == 3  # a list for every row: one schema
+    assert c["output"] is None and c["finish_reason"] == "error" and c["logprobs"] is None
+    step = b["logprobs"][0][0]
+    assert len(step["top"]) == 2 and step["logprob"] <= 0 and step["top"][0]["logprob"] >= step["logprob"]
+    # The second sample of row a read the prompt its first sample computed.
+    assert a["cached_prompt_tokens"] > 0

@@ -1,16 +1,21 @@
 """The correctness oracle: batchrun's greedy tokens equal transformers ``generate`` for every
-row, whatever the token budget (chunked prefill), block size or KV budget."""
+row, whatever the plan order, prefix sharing, token budget (chunked prefill), block size,
+KV budget (admission rounds, preemption) or reservation policy."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from batchrun.core.config import EngineConfig
 from batchrun.core.engine import build_engine
+from batchrun.core.job import make_requests
 from batchrun.core.kv_cache import KVCacheSpec
 from batchrun.core.model_loader import load_model
 from batchrun.core.params import SamplingParams
-from batchrun.core.request import Request
+from batchrun.core.plan import build_plan
+from batchrun.core.prompt_tokens import PromptTokens
+from batchrun.core.rows import Row
 
 from conftest import reference_generate
 
@@ -42,16 +47,38 @@ def expected(tiny_llama, workload):
     return reference_generate(tiny_llama, prompts, max_tokens)
 
 
-def run_engine(loaded, prompts, max_tokens, order=None, **engine_kwargs):
-    engine = build_engine(loaded, EngineConfig(**engine_kwargs))
-    order = order if order is not None else range(len(prompts))
-    requests = [
-        Request(i, prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=False)) for i in order
+def run_engine(loaded, prompts, max_tokens, *, sharing=True, order="plan", n=1, seed=None, **engine_kwargs):
+    """Plan the prompts, run the plan's requests, check nothing leaked; tokens per row
+    (per sample with ``n > 1``)."""
+    config = EngineConfig(**engine_kwargs)
+    tokens = PromptTokens.from_lists(prompts)
+    plan = build_plan(
+        tokens,
+        np.ones(len(prompts), bool),
+        np.array(max_tokens),
+        config.block_size,
+        sharing=sharing,
+        order=order,
+    )
+    rows = [
+        Row(
+            i,
+            str(i),
+            f"row {i}",
+            params=SamplingParams(max_tokens=m, n=n, seed=seed, temperature=1.0 if seed else 0),
+        )
+        for i, m in enumerate(max_tokens)
     ]
-    done = {c.request_id: c for c in engine.generate(requests)}
+    engine = build_engine(loaded, config)
+    done = {}
+    for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=sharing)):
+        done[c.request_id, c.sample_index] = c
     assert engine.pool.num_free == engine.pool.num_blocks, "KV blocks leaked"
-    assert engine.scheduler.num_reserved == 0
-    return [done[i].token_ids for i in range(len(prompts))], engine
+    assert not engine.prefixes.segments and not engine.scheduler.running and not engine.scheduler.waiting
+    if engine.stats.preemptions == 0 and n == 1:  # the engine computes exactly what the plan said
+        assert engine.stats.prefill_tokens == plan.summary.computed_tokens
+    got = [[done[i, k].token_ids for k in range(n)] for i in range(len(prompts))]
+    return (got if n > 1 else [g[0] for g in got]), engine
 
 
 @pytest.mark.parametrize("token_budget", [5, 64, 4096])
@@ -64,25 +91,81 @@ def test_greedy_equals_transformers_generate(loaded, workload, expected, token_b
         assert engine.stats.steps > max(len(p) for p in prompts) // 5, "prompts were not chunked"
 
 
-def test_oracle_holds_in_any_submission_order(loaded, workload, expected):
+@pytest.mark.parametrize("sharing", [True, False])
+@pytest.mark.parametrize("order", ["plan", "input"])
+def test_oracle_holds_with_and_without_the_plans_two_ideas(loaded, workload, expected, sharing, order):
     prompts, max_tokens = workload
-    order = list(reversed(range(len(prompts))))
-    got, _ = run_engine(loaded, prompts, max_tokens, order=order, token_budget=48, block_size=4)
-    assert got == expected
-
-
-def test_oracle_holds_when_kv_memory_forces_admission_rounds(loaded, workload, expected):
-    prompts, max_tokens = workload
-    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=8)
-    # Room for the largest single request only, so requests run a few at a time.
-    largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
-    budget = spec.blocks_for(largest) * spec.bytes_per_block
     got, engine = run_engine(
-        loaded, prompts, max_tokens, token_budget=256, block_size=8, kv_cache_bytes=budget
+        loaded, prompts, max_tokens, sharing=sharing, order=order, token_budget=48, block_size=4
     )
     assert got == expected
-    assert engine.pool.num_blocks == spec.blocks_for(largest)
+    if sharing:
+        assert engine.stats.cached_prompt_tokens > 0 and engine.stats.saving > 0.3
+    else:
+        assert (
+            engine.stats.cached_prompt_tokens == 0
+            and engine.stats.prefill_tokens == engine.stats.prompt_tokens
+        )
+
+
+@pytest.mark.parametrize("reserve_full", [False, True])
+@pytest.mark.parametrize("slack_blocks", [0, 3])
+def test_oracle_holds_when_kv_memory_forces_admission_rounds(
+    loaded, workload, expected, reserve_full, slack_blocks
+):
+    prompts, max_tokens = workload
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=8)
+    # Room for the largest single request (plus a little), so requests run a few at a time.
+    largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
+    num_blocks = spec.blocks_for(largest) + slack_blocks
+    got, engine = run_engine(
+        loaded,
+        prompts,
+        max_tokens,
+        token_budget=256,
+        block_size=8,
+        kv_cache_bytes=num_blocks * spec.bytes_per_block,
+        reserve_full=reserve_full,
+    )
+    assert got == expected
+    assert engine.pool.num_blocks == num_blocks
     assert engine.stats.peak_blocks <= engine.pool.num_blocks
+    if reserve_full:
+        assert engine.stats.preemptions == 0
+
+
+def test_oracle_holds_through_preemption(loaded, workload, expected):
+    """Expected-growth admission with outputs longer than the hint: the pool runs dry, the
+    newest requests are preempted and recomputed, and no output changes."""
+    prompts, max_tokens = workload
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=4)
+    largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
+    num_blocks = spec.blocks_for(largest) + 6
+    engine_kwargs = dict(token_budget=64, block_size=4, kv_cache_bytes=num_blocks * spec.bytes_per_block)
+    from batchrun.core import scheduler
+
+    old = scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN
+    scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN = 1, 0.1  # trust one short output: admit eagerly
+    try:
+        got, engine = run_engine(loaded, prompts, max_tokens, **engine_kwargs)
+    finally:
+        scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN = old
+    assert got == expected
+    assert engine.stats.preemptions > 0, "the test meant to force preemption"
+
+
+def test_n_samples_share_the_prompt_and_follow_their_seeds(loaded, workload):
+    prompts, _ = workload
+    prompts = prompts[:3]
+    together, engine = run_engine(loaded, prompts, [8] * 3, n=3, seed=11, token_budget=64, block_size=4)
+    assert engine.stats.cached_prompt_tokens > 0
+    # Sample k of a row is the same whatever else runs: alone, without sharing, in input order.
+    alone, _ = run_engine(loaded, prompts[1:2], [8], n=3, seed=11, token_budget=64, block_size=4)
+    plain, _ = run_engine(
+        loaded, prompts, [8] * 3, n=3, seed=11, sharing=False, token_budget=7, block_size=16
+    )
+    assert together[1] == alone[0] and together == plain
+    assert len({tuple(s) for s in together[0]}) > 1, "the three samples should differ"
 
 
 def test_single_row_job(loaded, workload, expected):

@@ -7,8 +7,9 @@ import torch
 
 from batchrun.core.kv_cache import BlockPool, KVCacheSpec, OutOfBlocks
 from batchrun.core.params import SamplingParams
-from batchrun.core.request import Request
+from batchrun.core.request import Request, SegmentRef
 from batchrun.core.scheduler import Scheduler
+from batchrun.core.shared_prefix import SharedPrefixes
 
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, block_size=4)
 
@@ -38,11 +39,16 @@ def request(i, prompt_len, max_tokens):
     return Request(i, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens))
 
 
-def complete(chunks):
-    for chunk in chunks:
-        chunk.request.num_computed_tokens += chunk.num_tokens
+def complete(sched, step):
+    """What the engine does after a step: advance the requests, give each sampler a token."""
+    sched.computed(step)
+    for chunk in step.chunks:
         if chunk.samples:
             chunk.request.output_ids.append(0)
+
+
+def chunks(step):
+    return [(c.request.request_id, c.num_tokens) for c in step.chunks]
 
 
 def test_prefill_is_chunked_to_the_token_budget_and_decodes_go_first():
@@ -54,35 +60,132 @@ def test_prefill_is_chunked_to_the_token_budget_and_decodes_go_first():
     step = sched.schedule()  # a: 6 of 9 prompt tokens; budget spent, b waits
     assert [(c.request.request_id, c.num_tokens, c.samples) for c in step.chunks] == [(0, 6, False)]
     assert a.block_ids == [0, 1]
-    complete(step.chunks)
+    complete(sched, step)
     step = sched.schedule()  # a finishes its prompt (3), b is admitted with the rest (3)
     assert [(c.request.request_id, c.num_tokens, c.samples) for c in step.chunks] == [
         (0, 3, True),
         (1, 3, True),
     ]
     assert a.block_ids == [0, 1, 2] and b.block_ids == [3]
-    complete(step.chunks)
+    complete(sched, step)
     step = sched.schedule()  # both decode: one token each
     assert [(c.request.request_id, c.num_tokens) for c in step.chunks] == [(0, 1), (1, 1)]
     assert a.block_ids == [0, 1, 2] and b.block_ids == [3]  # positions 9 and 3 fit open blocks
-    complete(step.chunks)
+    complete(sched, step)
     sched.schedule()
     assert a.block_ids == [0, 1, 2] and b.block_ids == [3, 4]  # b's position 4 opens block 4
 
 
-def test_admission_is_limited_by_reserved_memory_not_by_count():
+def test_full_reservation_limits_admission_by_memory_not_by_count():
     pool = BlockPool(5)
-    sched = Scheduler(pool, SPEC, token_budget=100)
+    sched = Scheduler(pool, SPEC, token_budget=100, reserve_full=True)
     reqs = [request(i, 4, 4) for i in range(3)]  # each may need 2 blocks
     for r in reqs:
         sched.add(r)
     sched.schedule()
-    assert sched.running == reqs[:2] and sched.num_reserved == 4
+    assert sched.running == reqs[:2]
     assert pool.num_used == 2  # only prompt blocks are allocated yet
     sched.finish(reqs[0])
-    assert pool.num_used == 1 and sched.num_reserved == 2
+    assert pool.num_used == 1
     sched.schedule()
     assert reqs[2] in sched.running
+
+
+def shared(i, prompt, segments, max_tokens=4):
+    return Request(i, prompt, SamplingParams(max_tokens=max_tokens), segments=segments)
+
+
+def sharing_scheduler(num_blocks, requests, budget=100):
+    pool = BlockPool(num_blocks)
+    prefixes = SharedPrefixes(pool)
+    sched = Scheduler(pool, SPEC, token_budget=budget, prefixes=prefixes)
+    for r in requests:
+        for ref in r.segments:
+            prefixes.register(*ref)
+        sched.add(r)
+    return pool, prefixes, sched
+
+
+def test_a_shared_segment_is_computed_once_and_freed_by_its_last_user():
+    system = SegmentRef(key=0, start=0, end=8)  # two blocks shared by three requests
+    reqs = [shared(i, [7] * 8 + [i, i], (system,)) for i in range(3)]
+    pool, prefixes, sched = sharing_scheduler(8, reqs)
+    step = sched.schedule()
+    # The first user writes the segment (blocks 0, 1) and its own tail (block 2); the others
+    # wait for the segment instead of computing it again.
+    assert chunks(step) == [(0, 10)]
+    assert reqs[0].block_ids == [0, 1, 2] and prefixes.segments[0].block_ids == [0, 1]
+    assert [pool.refcount(b) for b in (0, 1, 2)] == [2, 2, 1]  # segment + writer; writer alone
+    complete(sched, step)
+    assert prefixes.segments[0].complete
+    step = sched.schedule()  # the writer decodes; the others attach and compute only their tail
+    assert chunks(step) == [(0, 1), (1, 2), (2, 2)]
+    assert reqs[1].block_ids == [0, 1, 3] and reqs[2].block_ids == [0, 1, 4]
+    assert reqs[1].cached_tokens == reqs[2].cached_tokens == 8 and reqs[0].cached_tokens == 0
+    assert [pool.refcount(b) for b in (0, 1)] == [4, 4]
+    complete(sched, step)
+    for r in reqs[:2]:
+        sched.finish(r)
+    assert [pool.refcount(b) for b in (0, 1)] == [2, 2] and pool.num_used == 3
+    sched.finish(reqs[2])  # the last user: the segment's blocks go back
+    assert pool.num_used == 0 and not prefixes.segments
+
+
+def test_nested_segments_and_a_writer_handing_over_after_preemption():
+    system = SegmentRef(0, 0, 4)
+    doc_a, doc_b = SegmentRef(1, 4, 8), SegmentRef(2, 4, 8)
+    a1 = shared(0, [1] * 4 + [2] * 4 + [5, 6], (system, doc_a))
+    a2 = shared(1, [1] * 4 + [2] * 4 + [5, 7], (system, doc_a))
+    b1 = shared(2, [1] * 4 + [3] * 4 + [5, 6], (system, doc_b))
+    b2 = shared(3, [1] * 4 + [3] * 4 + [5, 7], (system, doc_b))
+    pool, prefixes, sched = sharing_scheduler(16, [a1, a2, b1, b2], budget=6)
+    step = sched.schedule()  # a1 writes system and half of doc_a; a2 waits for doc_a
+    assert chunks(step) == [(0, 6)] and a1.block_ids == [0, 1]
+    complete(sched, step)
+    assert prefixes.segments[0].complete and not prefixes.segments[1].complete
+    # b1 may start now: system is complete; it writes doc_b while a1 finishes doc_a.
+    step = sched.schedule()
+    assert chunks(step) == [(0, 4), (2, 2)]
+    assert a1.block_ids == [0, 1, 2] and b1.block_ids == [0, 3]
+    complete(sched, step)
+    assert prefixes.segments[2].computed == 6  # doc_b half written
+    sched._preempt(b1)  # memory ran dry: b1 goes, doc_b's written half stays with the segment
+    assert prefixes.segments[2].writer is None and prefixes.segments[2].block_ids == [3]
+    assert pool.refcount(3) == 1 and pool.refcount(0) == 2  # segment only; segment + a1
+    assert list(sched.waiting) == [b1, a2, b2]
+    step = sched.schedule()
+    # a1 decodes; b1 comes back first, re-attaches to doc_b's block 3 and writes only the rest;
+    # a2 attaches to the now complete doc_a and starts its tail.
+    assert chunks(step) == [(0, 1), (2, 4), (1, 1)]
+    assert b1.block_ids == [0, 3, 4] and b1.cached_tokens == 6
+    assert a2.block_ids == [0, 1, 5] and a2.cached_tokens == 8
+
+
+def test_preemption_frees_the_newest_request_and_keeps_outputs():
+    pool = BlockPool(4)
+    sched = Scheduler(pool, SPEC, token_budget=100)
+    sched._finished_count, sched._finished_outputs = 100, 100  # outputs so far: 1 token each
+    a, b = request(0, 4, 8), request(1, 4, 8)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()  # both admitted: each is expected to need 2 blocks
+    assert chunks(step) == [(0, 4), (1, 4)] and a.block_ids == [0] and b.block_ids == [1]
+    complete(sched, step)
+    for _ in range(4):  # decodes fill blocks 2 and 3 ...
+        step = sched.schedule()
+        complete(sched, step)
+    assert a.block_ids == [0, 2] and b.block_ids == [1, 3]
+    for _ in range(4):
+        step = sched.schedule()
+        complete(sched, step)
+    # ... until a needs a third block: b, the newest, is preempted (blocks 1 and 3 freed,
+    # its 5 sampled tokens kept for the recomputation) and a takes block 1.
+    assert sched.num_preemptions == 1 and b.num_preemptions == 1
+    assert len(b.output_ids) == 5 and b.num_computed_tokens == 0 and list(sched.waiting) == [b]
+    assert a.block_ids == [0, 2, 1] and pool.num_used == 3
+    sched.finish(a)
+    step = sched.schedule()  # b recomputes its prompt and the tokens it had sampled
+    assert chunks(step) == [(1, 9)] and b.block_ids == [3, 0, 2]  # freed ids are reused last
 
 
 def test_a_request_that_can_never_fit_is_refused():

@@ -17,20 +17,26 @@ import pyarrow.parquet as pq
 from batchrun.core.io.atomic import atomic_dir, atomic_file
 from batchrun.core.io.source import OutputContext, PromptSource
 from batchrun.core.params import ROW_PARAM_KEYS
-from batchrun.core.rows import EXPECTED_TOKENS, GENERATED_COLUMNS, Columns, InputError, RowResult
+from batchrun.core.rows import EXPECTED_TOKENS, GENERATED_COLUMNS, Columns, InputError, OutputShape, RowResult
 
 BATCH_ROWS = 4096
 
-GENERATED_SCHEMA = pa.schema(
-    [
-        ("output", pa.string()),
+_TOP = pa.list_(pa.struct([("token", pa.int64()), ("logprob", pa.float64())]))
+_LOGPROBS = pa.list_(pa.struct([("token", pa.int64()), ("logprob", pa.float64()), ("top", _TOP)]))
+
+
+def generated_schema(shape: OutputShape) -> pa.Schema:
+    fields = [
+        ("output", pa.list_(pa.string()) if shape.samples else pa.string()),
         ("prompt_tokens", pa.int64()),
+        ("cached_prompt_tokens", pa.int64()),
         ("output_tokens", pa.int64()),
         ("finish_reason", pa.string()),
         ("error", pa.string()),
     ]
-)
-assert tuple(GENERATED_SCHEMA.names) == GENERATED_COLUMNS
+    if shape.logprobs:
+        fields.append(("logprobs", pa.list_(_LOGPROBS) if shape.samples else _LOGPROBS))
+    return pa.schema(fields)
 
 
 def _needed_columns(path: Path, schema: pa.Schema, columns: Columns) -> list[str]:
@@ -52,14 +58,14 @@ def _records(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, dict[str,
             yield f"row {row}", record
 
 
-def _with_generated(batch: pa.RecordBatch | pa.Table, results: Sequence[RowResult]):
+def _with_generated(batch: pa.RecordBatch | pa.Table, results: Sequence[RowResult], shape: OutputShape):
     """Drop any generated columns a previous run left, then append this run's."""
     kept = [name for name in batch.schema.names if name not in GENERATED_COLUMNS]
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     table = table.select(kept)
-    for field in GENERATED_SCHEMA:
-        values = [getattr(r, field.name) for r in results]
-        table = table.append_column(field, pa.array(values, type=field.type))
+    rows = [r.columns(shape) for r in results]
+    for field in generated_schema(shape):
+        table = table.append_column(field, pa.array([row[field.name] for row in rows], type=field.type))
     return table
 
 
@@ -86,14 +92,15 @@ class ParquetSource(PromptSource):
         with atomic_file(output) as tmp:
             try:
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                    table = _with_generated(batch, results[start : start + batch.num_rows])
+                    table = _with_generated(batch, results[start : start + batch.num_rows], context.shape)
                     start += batch.num_rows
                     if writer is None:
                         schema = table.schema.with_metadata(pf.schema_arrow.metadata)
                         writer = pq.ParquetWriter(tmp, schema)
                     writer.write_table(table)
                 if writer is None:  # no rows: still write the schema
-                    writer = pq.ParquetWriter(tmp, _with_generated(pf.schema_arrow.empty_table(), []).schema)
+                    empty = _with_generated(pf.schema_arrow.empty_table(), [], context.shape)
+                    writer = pq.ParquetWriter(tmp, empty.schema)
             finally:
                 if writer is not None:
                     writer.close()
@@ -131,6 +138,6 @@ class DatasetFolderSource(PromptSource):
         ds = self._dataset()
         if len(ds) != len(results):
             raise ValueError(f"{len(results)} results for {len(ds)} rows")
-        out = datasets.Dataset(_with_generated(ds.data.table, results))
+        out = datasets.Dataset(_with_generated(ds.data.table, results, context.shape))
         with atomic_dir(output) as tmp:
             out.save_to_disk(str(tmp))

@@ -58,7 +58,7 @@ class JsonlSource(PromptSource):
         def merged() -> Iterator[dict[str, Any]]:
             for (_, obj), result in zip(iter_json_objects(self.path), results, strict=True):
                 kept = {k: v for k, v in obj.items() if k not in GENERATED_COLUMNS}
-                yield kept | result.columns()
+                yield kept | result.columns(context.shape)
 
         _write_lines(output, merged())
 

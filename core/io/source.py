@@ -8,15 +8,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from batchrun.core.rows import Columns, RowResult
+from batchrun.core.rows import Columns, OutputShape, RowResult
 
 
 @dataclass(frozen=True)
 class OutputContext:
-    """Facts about the run that some output formats record (OpenAI batch responses)."""
+    """Facts about the run the writers need: the generated columns' shape, and what some
+    formats record (OpenAI batch responses)."""
 
     model_name: str
     created: int  # unix time the job finished
+    shape: OutputShape = OutputShape()
 
 
 class PromptSource(ABC):
