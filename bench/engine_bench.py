@@ -1,115 +1,237 @@
-"""Engine throughput vs transformers ``generate``, side by side on one model and machine.
+"""Engine throughput: transformers ``generate`` vs batchrun without and with its plan.
 
-    python bench/engine_bench.py                       # bundled tiny model, CPU
-    python bench/engine_bench.py --model PATH --rows 256 --max-tokens 64
+    python bench/engine_bench.py                    # ~27M-parameter llama, all workloads
+    python bench/engine_bench.py --rows 32 --workloads system docs
+    python bench/engine_bench.py --model PATH       # a real checkpoint instead
 
-Workload: ``--rows`` prompts built like a document-QA job (one system prompt, documents
-× questions, shuffled), each generating exactly ``--max-tokens`` tokens (EOS ignored, so
-both sides do the same work). Baseline: ``generate`` in file order, left-padded batches
-of ``--hf-batch`` rows. A benchmark, not a test: it prints numbers and asserts nothing.
+A benchmark, not a test: it prints one table and asserts nothing. Every (workload, system)
+pair runs in a fresh process, so "peak RSS" is that system's own. Systems, on the same
+model, machine and prompts:
+
+* ``generate`` — transformers ``generate``, greedy, rows in file order, left-padded batches
+  of ``--hf-batch`` (static batching: a batch runs until its longest row is done);
+* ``batchrun plain`` — ``--no-prefix-sharing --order input``;
+* ``batchrun`` — the full plan: shared prefixes computed once, decode-heavy work first.
+
+Outputs ignore EOS, so every system generates exactly each row's ``max_tokens``; "out
+tok/s" counts those useful tokens (generate's padding-to-the-longest-row is its own cost).
+Workloads are built from random words with the bundled tokenizer:
+
+* ``system`` — one long system prompt shared by every row, then a short question;
+* ``docs`` — documents × 4 questions each (system ▸ document ▸ question), rows shuffled;
+* ``fewshot`` — system ▸ one of 4 tasks' examples ▸ an input;
+* ``unique`` — nothing shared (random prompts of the same length);
+* ``mixed`` — docs, but a quarter of the rows are short prompts with 4× longer outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
-from batchrun.core.config import EngineConfig
-from batchrun.core.engine import build_engine
-from batchrun.core.model_loader import load_model
-from batchrun.core.params import SamplingParams
-from batchrun.core.request import Request
-
-BUNDLED = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" / "tiny-llama"
-SYSTEM = "You are a careful analyst. Answer only from the document, in one or two sentences. " * 3
-WORDS = "granite harbour lamp keeper ferry strait orchard frost blossom bakery rye starter flour".split()
+REPO = Path(__file__).resolve().parents[1]
+BUNDLED = REPO / "sample_jobs" / "models" / "tiny-llama"
+WORKLOADS = ("system", "docs", "fewshot", "unique", "mixed")
+SYSTEMS = ("generate", "batchrun plain", "batchrun")
+WORDS = (
+    "granite harbour lamp keeper ferry strait orchard frost blossom bakery rye starter flour "
+    "river valley engine signal winter market ledger copper meadow lantern station harvest"
+).split()
 
 
-def workload(tokenizer, rows: int, seed: int = 0) -> list[list[int]]:
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def make_workload(name: str, rows: int, max_tokens: int, seed: int = 0) -> list[tuple[str, int]]:
+    """(prompt text, max_tokens) per row, in file order."""
     rng = random.Random(seed)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(120)) for _ in range(max(rows // 8, 1))]
-    texts = [f"{SYSTEM}\nDocument: {docs[i % len(docs)]}\nQuestion {i}: what happened?" for i in range(rows)]
-    rng.shuffle(texts)
-    return [tokenizer(t)["input_ids"] for t in texts]
+    system = "System: you are a careful analyst; answer from the text only. " + words(rng, 150)
+    if name == "system":
+        items = [(f"{system}\nQuestion {i}: {words(rng, 12)}?", max_tokens) for i in range(rows)]
+    elif name in ("docs", "mixed"):
+        docs = [words(rng, 220) for _ in range(-(-rows // 4))]
+        items = [(f"{system}\nDocument: {docs[i // 4]}\nQuestion: {words(rng, 12)}?", max_tokens) for i in range(rows)]
+        if name == "mixed":
+            for i in range(0, rows, 4):
+                items[i] = (f"Write a long story about {words(rng, 8)}.", 4 * max_tokens)
+    elif name == "fewshot":
+        tasks = [f"Task {t} examples: {words(rng, 200)}" for t in range(4)]
+        items = [(f"{system}\n{tasks[i % 4]}\nInput: {words(rng, 20)}\nOutput:", max_tokens) for i in range(rows)]
+    elif name == "unique":
+        items = [(words(rng, 400), max_tokens) for _ in range(rows)]
+    else:
+        raise ValueError(name)
+    rng.shuffle(items)
+    return items
 
 
-def bench_hf(path: Path, prompts: list[list[int]], max_tokens: int, batch: int, pad_id: int) -> float:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def make_model(folder: Path) -> Path:
+    """A ~27M-parameter llama with random weights and the bundled tokenizer."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(BUNDLED / name, folder / name)
+    return folder
+
+
+def run_generate(model_path: Path, prompts: list[list[int]], max_tokens: list[int], batch: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    pad = model.config.pad_token_id or 0
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        group = prompts[i : i + batch]
+        group, limits = prompts[i : i + batch], max_tokens[i : i + batch]
         width = max(map(len, group))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in group])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
         with torch.inference_mode():
             model.generate(
                 ids,
                 attention_mask=mask,
-                max_new_tokens=max_tokens,
-                min_new_tokens=max_tokens,
+                max_new_tokens=max(limits),
+                min_new_tokens=max(limits),
                 do_sample=False,
-                pad_token_id=pad_id,
+                pad_token_id=pad,
             )
-    return time.perf_counter() - start
+    return {"seconds": time.perf_counter() - start, "saving": 0.0}
 
 
-def bench_batchrun(
-    path: Path, prompts: list[list[int]], max_tokens: int, token_budget: int
-) -> tuple[float, object]:
-    loaded = load_model(path, device="cpu", dtype="float32")
-    useful = sum(len(p) + max_tokens for p in prompts)  # as `batchrun run` caps the pool
-    engine = build_engine(loaded, EngineConfig(token_budget=token_budget), useful_tokens=useful)
-    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    for _ in engine.generate(Request(i, p, params) for i, p in enumerate(prompts)):
+def run_batchrun(model_path: Path, prompts: list[list[int]], max_tokens: list[int], full: bool, budget: int) -> dict:
+    from batchrun.core.config import EngineConfig
+    from batchrun.core.engine import build_engine
+    from batchrun.core.job import make_requests
+    from batchrun.core.model_loader import load_model
+    from batchrun.core.params import SamplingParams
+    from batchrun.core.plan import build_plan
+    from batchrun.core.prompt_tokens import PromptTokens
+    from batchrun.core.rows import Row
+
+    loaded = load_model(model_path, device="cpu", dtype="float32")
+    config = EngineConfig(token_budget=budget)
+    start = time.perf_counter()  # planning is part of batchrun's cost
+    tokens = PromptTokens.from_lists(prompts)
+    limits = np.array(max_tokens)
+    runnable = np.ones(len(prompts), dtype=bool)
+    order = "plan" if full else "input"
+    plan = build_plan(tokens, runnable, limits, config.block_size, sharing=full, order=order)
+    rows = [
+        Row(i, str(i), f"row {i}", params=SamplingParams(max_tokens=m, ignore_eos=True))
+        for i, m in enumerate(max_tokens)
+    ]
+    useful = int(tokens.lengths.sum() + limits.sum())
+    engine = build_engine(loaded, config, useful_tokens=useful)
+    for _ in engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=full)):
         pass
-    return time.perf_counter() - start, engine.stats
+    stats = engine.stats
+    return {
+        "seconds": time.perf_counter() - start,
+        "saving": stats.saving,
+        "steps": stats.steps,
+        "tokens_per_step": stats.mean_tokens_per_step,
+        "peak_kv_mib": stats.peak_blocks * engine.runner.kv_cache.spec.bytes_per_block / 2**20,
+    }
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+def child(args: argparse.Namespace) -> None:
+    """Run one system on one workload in this (fresh) process; print JSON."""
+    torch.set_num_threads(args.threads)
+    from batchrun.core.model_loader import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model)
+    items = make_workload(args.workload, args.rows, args.max_tokens)
+    prompts = [tokenizer(text)["input_ids"] for text, _ in items]
+    limits = [m for _, m in items]
+    if args.system == "generate":
+        result = run_generate(args.model, prompts, limits, args.hf_batch)
+    else:
+        result = run_batchrun(args.model, prompts, limits, args.system == "batchrun", args.token_budget)
+    result |= {
+        "prompt_tokens": sum(map(len, prompts)),
+        "output_tokens": sum(limits),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+    }
+    print(json.dumps(result))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=BUNDLED)
+    parser.add_argument("--model", type=Path, default=None, help="default: a ~27M llama made on the fly")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--hf-batch", type=int, default=16)
     parser.add_argument("--token-budget", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--system", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    loaded = load_model(args.model, device="cpu", dtype="float32")
-    prompts = workload(loaded.tokenizer, args.rows)
-    prompt_tokens = sum(map(len, prompts))
-    output_tokens = args.rows * args.max_tokens
-    pad_id = loaded.tokenizer.pad_token_id or 0
+    if args.system:
+        child(args)
+        return
 
-    hf_s = bench_hf(args.model, prompts, args.max_tokens, args.hf_batch, pad_id)
-    br_s, stats = bench_batchrun(args.model, prompts, args.max_tokens, args.token_budget)
-
-    print(
-        f"model {args.model.name}, {args.rows} rows, {prompt_tokens} prompt tokens, "
-        f"{args.max_tokens} output tokens each, {torch.get_num_threads()} CPU threads"
-    )
-    print(f"{'system':<38}{'seconds':>9}{'out tok/s':>11}{'total tok/s':>13}{'vs generate':>13}")
-    for name, seconds in (
-        (f"transformers generate (batch {args.hf_batch})", hf_s),
-        ("batchrun engine", br_s),
-    ):
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or make_model(Path(tmp) / "llama-27m")
+        n_params = sum(p.numel() for p in _load(model).parameters())
         print(
-            f"{name:<38}{seconds:>9.2f}{output_tokens / seconds:>11.1f}"
-            f"{(prompt_tokens + output_tokens) / seconds:>13.1f}{hf_s / seconds:>12.2f}x"
+            f"model {model.name} ({n_params / 1e6:.0f}M params, float32, CPU, {args.threads} threads); "
+            f"{args.rows} rows per workload, max_tokens {args.max_tokens}; generate batch {args.hf_batch}"
         )
-    print(
-        f"batchrun: {stats.steps} steps, {stats.mean_tokens_per_step:.1f} tokens/step, "
-        f"peak KV {stats.peak_blocks} blocks; peak RSS {peak_rss_mib():.0f} MiB"
-    )
+        header = f"{'workload':<9}{'system':<16}{'seconds':>8}{'out tok/s':>10}{'total tok/s':>12}"
+        header += f"{'saving':>8}{'peak RSS MiB':>13}{'vs generate':>12}{'vs plain':>9}"
+        print(header)
+        for workload in args.workloads:
+            results = {}
+            for system in SYSTEMS:
+                command = [sys.executable, __file__, "--model", str(model), "--workload", workload]
+                command += ["--system", system, "--rows", str(args.rows), "--max-tokens", str(args.max_tokens)]
+                command += ["--hf-batch", str(args.hf_batch), "--token-budget", str(args.token_budget)]
+                command += ["--threads", str(args.threads)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{workload}/{system} failed:\n{done.stderr}")
+                r = results[system] = json.loads(done.stdout.strip().splitlines()[-1])
+                total = r["prompt_tokens"] + r["output_tokens"]
+                print(
+                    f"{workload:<9}{system:<16}{r['seconds']:>8.2f}{r['output_tokens'] / r['seconds']:>10.1f}"
+                    f"{total / r['seconds']:>12.1f}{r['saving']:>8.1%}{r['peak_rss_mib']:>13.0f}"
+                    f"{results['generate']['seconds'] / r['seconds']:>11.2f}x"
+                    + (f"{results['batchrun plain']['seconds'] / r['seconds']:>8.2f}x" if system == "batchrun" else ""),
+                    flush=True,
+                )
+
+
+def _load(model: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Reference paged attention in plain torch: always importable, runs on CPU.
 
 This is the oracle the Triton and flash-attn backends are tested against, and the backend
-batchrun uses on CPU. It favours clarity over speed: one small attention per sequence.
+batchrun uses on CPU: gather each sequence's blocks, then torch's fused scaled-dot-product
+attention (all decodes of a step in one call, prefill chunks one sequence at a time).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from batchrun.kernels.metadata import AttentionMetadata
 
@@ -32,18 +34,60 @@ def paged_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached keys; (T, Hq, D)."""
+    """Causal attention of each sequence's new queries over its cached keys; (T, Hq, D).
+
+    Single-token queries (decodes) are gathered and attended in one batched call; longer
+    chunks (prefills) one sequence at a time."""
     out = torch.empty_like(query)
     block_size = k_cache.shape[1]
-    q_start = 0
+    starts = [0]
+    for q_len in meta.q_lens_host:
+        starts.append(starts[-1] + q_len)
+    decodes = [i for i, q_len in enumerate(meta.q_lens_host) if q_len == 1]
+    if len(decodes) > 1:
+        rows = torch.tensor([starts[i] for i in decodes], device=query.device)
+        out[rows] = _decode_batch(
+            query[rows], k_cache, v_cache, meta, decodes, scale, softcap, sliding_window
+        )
+        done = set(decodes)
+    else:
+        done = set()
     for i, (q_len, kv_len) in enumerate(zip(meta.q_lens_host, meta.seq_lens_host, strict=True)):
+        if i in done:
+            continue
         blocks = meta.block_tables[i, : -(-kv_len // block_size)]
         k = k_cache[blocks].flatten(0, 1)[:kv_len]  # (L, Hkv, D)
         v = v_cache[blocks].flatten(0, 1)[:kv_len]
-        q = query[q_start : q_start + q_len]  # (Q, Hq, D)
-        out[q_start : q_start + q_len] = attend(q, k, v, scale, softcap, sliding_window)
-        q_start += q_len
+        q = query[starts[i] : starts[i] + q_len]  # (Q, Hq, D)
+        out[starts[i] : starts[i] + q_len] = attend(q, k, v, scale, softcap, sliding_window)
     return out
+
+
+def _decode_batch(
+    q: torch.Tensor,  # (R, Hq, D): one query per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    seqs: list[int],  # which sequences of the step
+    scale: float,
+    softcap: float | None,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """One query per sequence over its paged keys, all sequences at once; (R, Hq, D)."""
+    block_size = k_cache.shape[1]
+    kv_lens = torch.tensor([meta.seq_lens_host[i] for i in seqs], device=q.device)  # (R,)
+    width = -(-int(kv_lens.max()) // block_size)
+    tables = meta.block_tables[seqs, :width]  # (R, width)
+    k = k_cache[tables].flatten(1, 2)  # (R, L, Hkv, D), L = width * block_size
+    v = v_cache[tables].flatten(1, 2)
+    pos = torch.arange(k.shape[1], device=q.device)[None, :]  # (1, L)
+    visible = pos < kv_lens[:, None]  # (R, L); the query sits at position kv_len - 1
+    if sliding_window:
+        visible &= pos > kv_lens[:, None] - 1 - sliding_window
+    out = _attention(
+        q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), visible[:, None, None], scale, softcap
+    )
+    return out[:, :, 0]  # (R, Hq, D)
 
 
 def attend(
@@ -55,21 +99,34 @@ def attend(
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Dense causal attention for one sequence with grouped-query heads; (Q, Hq, D)."""
-    q_len, num_heads, head_dim = q.shape
-    kv_len, num_kv_heads, _ = k.shape
-    group = num_heads // num_kv_heads
-    qh = q.reshape(q_len, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (Hkv, g, Q, D)
-    kh = k.permute(1, 0, 2).unsqueeze(1)  # (Hkv, 1, L, D)
-    vh = v.permute(1, 0, 2).unsqueeze(1)  # (Hkv, 1, L, D)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)).float() * scale  # (Hkv, g, Q, L)
-    if softcap:
-        scores = torch.tanh(scores / softcap) * softcap
+    q_len, kv_len = q.shape[0], k.shape[0]
     q_pos = torch.arange(kv_len - q_len, kv_len, device=q.device)[:, None]
     k_pos = torch.arange(kv_len, device=q.device)[None, :]
-    masked = k_pos > q_pos
+    visible = k_pos <= q_pos  # (Q, L)
     if sliding_window:
-        masked |= k_pos <= q_pos - sliding_window
-    scores.masked_fill_(masked, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    out = torch.matmul(probs, vh)  # (Hkv, g, Q, D)
-    return out.permute(2, 0, 1, 3).reshape(q_len, num_heads, head_dim)
+        visible &= k_pos > q_pos - sliding_window
+    out = _attention(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], visible, scale, softcap
+    )
+    return out[0].transpose(0, 1)  # (Q, Hq, D)
+
+
+def _attention(
+    q: torch.Tensor,  # (B, Hq, Q, D)
+    k: torch.Tensor,  # (B, Hkv, L, D)
+    v: torch.Tensor,  # (B, Hkv, L, D)
+    visible: torch.Tensor,  # bool, broadcastable to (B, Hq, Q, L)
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Masked grouped-query attention; (B, Hq, Q, D). torch's fused SDPA unless soft-capping
+    (Gemma 2), which SDPA cannot express."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
