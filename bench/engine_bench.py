@@ -61,13 +61,18 @@ def make_workload(name: str, rows: int, max_tokens: int, seed: int = 0) -> list[
         items = [(f"{system}\nQuestion {i}: {words(rng, 12)}?", max_tokens) for i in range(rows)]
     elif name in ("docs", "mixed"):
         docs = [words(rng, 220) for _ in range(-(-rows // 4))]
-        items = [(f"{system}\nDocument: {docs[i // 4]}\nQuestion: {words(rng, 12)}?", max_tokens) for i in range(rows)]
+        items = [
+            (f"{system}\nDocument: {docs[i // 4]}\nQuestion: {words(rng, 12)}?", max_tokens)
+            for i in range(rows)
+        ]
         if name == "mixed":
             for i in range(0, rows, 4):
                 items[i] = (f"Write a long story about {words(rng, 8)}.", 4 * max_tokens)
     elif name == "fewshot":
         tasks = [f"Task {t} examples: {words(rng, 200)}" for t in range(4)]
-        items = [(f"{system}\n{tasks[i % 4]}\nInput: {words(rng, 20)}\nOutput:", max_tokens) for i in range(rows)]
+        items = [
+            (f"{system}\n{tasks[i % 4]}\nInput: {words(rng, 20)}\nOutput:", max_tokens) for i in range(rows)
+        ]
     elif name == "unique":
         items = [(words(rng, 400), max_tokens) for _ in range(rows)]
     else:
@@ -124,7 +129,9 @@ def run_generate(model_path: Path, prompts: list[list[int]], max_tokens: list[in
     return {"seconds": time.perf_counter() - start, "saving": 0.0}
 
 
-def run_batchrun(model_path: Path, prompts: list[list[int]], max_tokens: list[int], full: bool, budget: int) -> dict:
+def run_batchrun(
+    model_path: Path, prompts: list[list[int]], max_tokens: list[int], full: bool, budget: int
+) -> dict:
     from batchrun.core.config import EngineConfig
     from batchrun.core.engine import build_engine
     from batchrun.core.job import make_requests
@@ -211,7 +218,14 @@ def main() -> None:
             results = {}
             for system in SYSTEMS:
                 command = [sys.executable, __file__, "--model", str(model), "--workload", workload]
-                command += ["--system", system, "--rows", str(args.rows), "--max-tokens", str(args.max_tokens)]
+                command += [
+                    "--system",
+                    system,
+                    "--rows",
+                    str(args.rows),
+                    "--max-tokens",
+                    str(args.max_tokens),
+                ]
                 command += ["--hf-batch", str(args.hf_batch), "--token-budget", str(args.token_budget)]
                 command += ["--threads", str(args.threads)]
                 done = subprocess.run(command, capture_output=True, text=True)
@@ -223,7 +237,11 @@ def main() -> None:
                     f"{workload:<9}{system:<16}{r['seconds']:>8.2f}{r['output_tokens'] / r['seconds']:>10.1f}"
                     f"{total / r['seconds']:>12.1f}{r['saving']:>8.1%}{r['peak_rss_mib']:>13.0f}"
                     f"{results['generate']['seconds'] / r['seconds']:>11.2f}x"
-                    + (f"{results['batchrun plain']['seconds'] / r['seconds']:>8.2f}x" if system == "batchrun" else ""),
+                    + (
+                        f"{results['batchrun plain']['seconds'] / r['seconds']:>8.2f}x"
+                        if system == "batchrun"
+                        else ""
+                    ),
                     flush=True,
                 )
 

@@ -4,8 +4,9 @@ Exit codes (also in ``batchrun --help``):
   0  every row finished
   1  usage error (bad option or value)
   2  invalid input file or model: nothing was run, nothing written
-  3  finished, but some rows failed (see the output's error column)
-  4  engine failure
+  3  finished, but more rows failed than --max-error-rate allows (see <output>.errors.jsonl)
+  4  engine failure (the journal keeps every finished row; run again to resume)
+  75 the output is locked by another run
 """
 
 from __future__ import annotations
@@ -20,19 +21,22 @@ import click
 import typer
 from rich.console import Console
 
+from batchrun.cli.job_file import is_job_file, read_job_file
 from batchrun.cli.progress import ConsoleObserver
-from batchrun.cli.render import plan_tables, summary_table, validation_table
+from batchrun.cli.render import plan_tables, status_table, summary_table, validation_table
 from batchrun.core.config import EngineConfig
 from batchrun.core.job import JobConfig, run_job
 from batchrun.core.kv_budget import parse_memory
+from batchrun.core.lock import OutputLocked
 from batchrun.core.params import ParamError, SamplingParams
 from batchrun.core.plan import ORDER_INPUT, ORDER_PLAN
 from batchrun.core.plan_io import save_plan
 from batchrun.core.plan_report import plan_job
 from batchrun.core.rows import Columns, InputError
+from batchrun.core.status import job_status
 from batchrun.core.validate import validate_file
 
-EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_ROWS_FAILED, EXIT_ENGINE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_ROWS_FAILED, EXIT_ENGINE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" / "tiny-llama"
 
 app = typer.Typer(
@@ -89,8 +93,12 @@ def sampling_overrides(**values: Any) -> dict[str, Any]:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     input: Annotated[
-        Path, typer.Argument(help="Prompt file: .jsonl, OpenAI batch .jsonl, .parquet, or a datasets folder.")
+        Path,
+        typer.Argument(
+            help="Prompt file (.jsonl, OpenAI batch .jsonl, .parquet, a datasets folder) or a .toml job file."
+        ),
     ],
     model: ModelOpt = BUNDLED_MODEL,
     output: Annotated[
@@ -161,8 +169,86 @@ def run(
     order: Annotated[
         Order, typer.Option(help="plan: shared prefixes together, decode-heavy first; input: file order.")
     ] = Order.plan,
+    restart: Annotated[
+        bool,
+        typer.Option("--restart", help="Discard the journal of an unfinished earlier run and start over."),
+    ] = False,
+    max_error_rate: Annotated[
+        float, typer.Option(help="Share of failed rows (0-1) still counted a success (exit 0).")
+    ] = 0.0,
+    log_json: Annotated[
+        bool, typer.Option("--log-json", help="Progress as JSON lines on stderr instead of text.")
+    ] = False,
 ) -> None:
-    """Generate a completion for every row and write them back into their rows."""
+    """Generate a completion for every row and write them back into their rows.
+
+    INPUT may be a TOML job file holding these options under their long names (and
+    `input`); options on the command line override it."""
+    options = {name: value for name, value in locals().items() if name != "ctx"}
+    if is_job_file(input):
+        try:
+            options |= job_file_options(ctx, input, options)
+        except InputError as exc:
+            raise fail(EXIT_INPUT, str(exc)) from None
+    _run(**options)
+
+
+def job_file_options(ctx: typer.Context, path: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """The job file's settings that the command line does not override, typed like the options."""
+    chosen = {}
+    for key, value in read_job_file(path, allowed=set(options)).items():
+        source = ctx.get_parameter_source(key)
+        if key != "input" and getattr(source, "name", None) == "COMMANDLINE":
+            continue
+        default = options[key]
+        try:
+            if isinstance(default, Enum):
+                value = type(default)(value)
+            elif isinstance(default, bool) and not isinstance(value, bool):
+                raise TypeError("true or false")
+            elif isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise TypeError("a number")
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{path}: {key} = {value!r} is not valid ({exc})") from None
+        chosen[key] = value
+    return chosen
+
+
+def _run(
+    *,
+    input: Path,
+    model: Path,
+    output: Path | None,
+    in_place: bool,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int,
+    ignore_eos: bool,
+    n: int | None,
+    logprobs: int | None,
+    device: Device,
+    dtype: DType,
+    prompt_column: str,
+    messages_column: str,
+    id_column: str,
+    block_size: int,
+    token_budget: int,
+    kv_memory: str | None,
+    reserve_full: bool,
+    strict: bool,
+    log_every: float,
+    plan: Path | None,
+    prefix_sharing: bool,
+    order: Order,
+    restart: bool,
+    max_error_rate: float,
+    log_json: bool,
+) -> None:
+    if not 0.0 <= max_error_rate <= 1.0:
+        raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {max_error_rate}")
     try:
         engine = EngineConfig(
             block_size=block_size,
@@ -196,10 +282,14 @@ def run(
         plan_file=plan,
         prefix_sharing=prefix_sharing,
         order=order.value,
+        restart=restart,
     )
-    observer = ConsoleObserver(err, log_every=log_every)
+    observer = ConsoleObserver(err, log_every=log_every, json_lines=log_json)
     try:
         summary = run_job(config, observer)
+    except OutputLocked as exc:
+        observer.close()
+        raise fail(EXIT_LOCKED, str(exc)) from None
     except InputError as exc:
         observer.close()
         raise fail(EXIT_INPUT, str(exc)) from None
@@ -210,7 +300,7 @@ def run(
         raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
     observer.close()
     out.print(summary_table(summary))
-    if summary.failed:
+    if summary.failed and summary.failed > max_error_rate * summary.rows:
         raise typer.Exit(EXIT_ROWS_FAILED)
 
 
@@ -289,6 +379,14 @@ def plan_command(
         out.print(renderable)
     if save is not None:
         out.print(f"plan saved to {save}; run it with: batchrun run {input} --plan {save}")
+
+
+@app.command()
+def status(
+    output: Annotated[Path, typer.Argument(help="The output path of a job (running, interrupted or done).")],
+) -> None:
+    """Progress of a job from its lock, journal and report: running, interrupted, done or failed."""
+    out.print(status_table(job_status(output)))
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from rich.tree import Tree
 
 from batchrun.core.job import JobSummary
 from batchrun.core.plan_report import PlanReport
+from batchrun.core.status import JobStatus
 from batchrun.core.validate import ValidationReport
 
 
@@ -139,3 +140,35 @@ def _bytes(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def status_table(status: JobStatus) -> Table:
+    table = Table(title=f"batchrun status: {status.output}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    report = status.report
+    table.add_row("state", status.state)
+    if status.holder:
+        table.add_row("process", f"pid {status.holder.get('pid')} on {status.holder.get('host')}")
+    if status.rows is not None:
+        table.add_row("rows", str(status.rows))
+    if status.state in ("running", "interrupted"):
+        resumed = report.get("resumed", 0)
+        table.add_row(
+            "progress",
+            f"{status.rows_journaled + resumed} rows finished and journaled"
+            + (f" ({resumed} from an earlier run)" if resumed else ""),
+        )
+    if status.state == "interrupted":
+        table.add_row("next", "run the same command again to resume (finished rows are not regenerated)")
+    if status.state == "done":
+        table.add_row("result", f"{report.get('rows_ok')} ok, {report.get('rows_failed')} failed")
+        engine = report.get("engine") or {}
+        if engine:
+            table.add_row("saving", f"{engine.get('saving', 0):.1%} of prompt tokens not computed")
+    for key in ("started", "finished", "error", "model_identity", "device"):
+        if report.get(key):
+            table.add_row(key, str(report[key]))
+    if status.errors_file:
+        table.add_row("errors", str(status.errors_file))
+    return table

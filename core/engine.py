@@ -48,6 +48,7 @@ class EngineStats:
     prefill_tokens: int = 0  # prompt positions computed, recomputation after preemption included
     decode_tokens: int = 0  # positions after the prompt computed
     cached_prompt_tokens: int = 0  # prompt positions read from shared blocks instead
+    finished_prompt_tokens: int = 0  # prompt tokens of the requests finished so far
     steps: int = 0
     preemptions: int = 0
     peak_blocks: int = 0
@@ -59,6 +60,12 @@ class EngineStats:
     def saving(self) -> float:
         """Share of prompt tokens not computed: 1 - prefill_tokens / prompt_tokens."""
         return 1.0 - self.prefill_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def live_saving(self) -> float:
+        """The saving over the requests finished so far (for progress reports)."""
+        done = self.finished_prompt_tokens
+        return self.cached_prompt_tokens / done if done else 0.0
 
     @property
     def mean_tokens_per_step(self) -> float:
@@ -137,6 +144,7 @@ class Engine:
                 continue
             self.scheduler.finish(request)
             self.stats.cached_prompt_tokens += request.cached_tokens
+            self.stats.finished_prompt_tokens += request.prompt_len
             yield Completion(
                 request.request_id,
                 request.output_ids,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,18 +18,25 @@ from typing import Any
 import numpy as np
 
 from batchrun.core.config import EngineConfig
-from batchrun.core.engine import Completion, EngineStats, build_engine
+from batchrun.core.engine import Completion, Engine, EngineStats, build_engine
 from batchrun.core.io import OutputContext, PromptSource, open_source
+from batchrun.core.io.atomic import remove_stale_temporaries
+from batchrun.core.journal import Journal, journal_path, row_key
+from batchrun.core.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.model_loader import (
     LoadedModel,
     check_model_folder,
     load_model,
+    load_tokenizer,
+    max_context_of,
+    model_identity,
     model_sampling_defaults,
 )
 from batchrun.core.params import SamplingParams
 from batchrun.core.plan import ORDER_PLAN, Plan, PlanSummary, build_plan
 from batchrun.core.plan_io import load_plan
 from batchrun.core.prompt_tokens import PromptTokens
+from batchrun.core.report import RunReport, write_errors
 from batchrun.core.request import Request, SegmentRef
 from batchrun.core.rows import Columns, InputError, OutputShape, Row, RowResult, parse_row
 from batchrun.core.sampler import make_generator, row_seed
@@ -53,6 +60,7 @@ class JobConfig:
     strict: bool = False  # refuse the whole file if any row is invalid
     plan_file: Path | None = None  # a plan saved by `batchrun plan --save` (checked against the input)
     prefix_sharing: bool = True  # False: compute every prompt in full (for comparison)
+    restart: bool = False  # discard the journal of an earlier, unfinished run
     order: str = ORDER_PLAN  # or ORDER_INPUT: file order (for comparison)
 
 
@@ -65,6 +73,8 @@ class JobObserver:
 
     def row_finished(self, result: RowResult) -> None: ...
 
+    def engine_started(self, engine: Engine) -> None: ...
+
 
 @dataclass
 class JobSummary:
@@ -72,6 +82,7 @@ class JobSummary:
     output: Path
     rows: int
     failed: int
+    resumed: int  # rows taken from the journal of an earlier run
     prompt_tokens: int
     output_tokens: int
     seconds: dict[str, float]  # per phase
@@ -160,11 +171,14 @@ def expected_output_tokens(rows: list[Row]) -> np.ndarray:
     return np.fromiter(map(estimate, rows), dtype=np.int64, count=len(rows))
 
 
-def make_plan(config: JobConfig, rows: list[Row], prompts: PromptTokens) -> Plan:
-    """The job's plan: loaded from ``config.plan_file`` (checked against the input), or built."""
+def make_plan(config: JobConfig, rows: list[Row], prompts: PromptTokens, skip: Collection[int] = ()) -> Plan:
+    """The job's plan: loaded from ``config.plan_file`` (checked against the input), or built.
+    Rows in ``skip`` (resumed from the journal) are left out."""
     runnable = runnable_mask(rows)
     if config.plan_file is not None:
-        return load_plan(config.plan_file, prompts, runnable, config.engine.block_size)
+        plan = load_plan(config.plan_file, prompts, runnable, config.engine.block_size)
+        return plan.without(set(skip))
+    runnable[list(skip)] = False
     return build_plan(
         prompts,
         runnable,
@@ -182,6 +196,7 @@ def make_requests(
     plan segments; the ``n`` samples of a row also share its prompt as one more segment."""
     tree, block_size = plan.tree, plan.block_size
     paths: dict[int, tuple[SegmentRef, ...]] = {-1: ()}
+    row_group = plan.row_group()
     for index in plan.order.tolist():
         row = rows[index]
         params = row.params
@@ -194,9 +209,12 @@ def make_requests(
         prompt = prompts[index]
         shared_end = segments[-1].end if segments else 0
         own_end = (len(prompt) - 1) // block_size * block_size  # full blocks before the last token
+        group = int(row_group[index])
+        prefix_group = (group, int(tree.end[group])) if group >= 0 else None
         if params.n > 1 and sample_sharing and own_end > shared_end:
             segments += (SegmentRef(len(tree) + index, shared_end, own_end),)
-        seed = params.seed if params.seed is not None else row_seed(job_seed, row.id)
+            prefix_group = (len(tree) + index, own_end)  # the samples share the whole prompt
+        seed = effective_seed(row, job_seed)
         for k in range(params.n):
             sample_seed = seed if k == 0 else row_seed(seed, f"sample {k}")
             generator = None if params.greedy else make_generator(sample_seed)
@@ -208,6 +226,7 @@ def make_requests(
                 sample_index=k,
                 segments=segments,
                 expected_output=row.expected_tokens,
+                prefix_group=prefix_group,
             )
 
 
@@ -246,8 +265,34 @@ def row_result(completions: list[Completion], prompt_tokens: int) -> RowResult:
 
 
 def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummary:
+    """Run a whole job; one run per output at a time (``OutputLocked`` otherwise)."""
     observer = observer or JobObserver()
-    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    observer.phase("reading")
+    check_model_folder(config.model)
+    source = open_source(config.input, config.columns)
+    output = output_path(config, source)
+    check_writable(output)
+    if is_locked(output):  # fail fast, before reading a large file; the lock below decides
+        raise OutputLocked(locked_message(output))
+    defaults = SamplingParams().with_overrides(model_sampling_defaults(config.model) | config.sampling)
+    rows = read_rows(source, defaults)  # a bad file fails here, having written nothing
+    if config.strict:
+        refuse_invalid_rows(source, rows)
+    with output_lock(output):
+        remove_stale_temporaries(output)
+        return _run_locked(config, observer, source, output, rows, time.perf_counter() - started)
+
+
+def _run_locked(
+    config: JobConfig,
+    observer: JobObserver,
+    source: PromptSource,
+    output: Path,
+    rows: list[Row],
+    read_s: float,
+) -> JobSummary:
+    seconds: dict[str, float] = {"read": read_s}
     clock = time.perf_counter()
 
     def lap(phase: str) -> None:
@@ -256,45 +301,62 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
         seconds[phase] = now - clock
         clock = now
 
-    observer.phase("reading")
-    check_model_folder(config.model)
-    source = open_source(config.input, config.columns)
-    output = output_path(config, source)
-    check_writable(output)
-    defaults = SamplingParams().with_overrides(model_sampling_defaults(config.model) | config.sampling)
-    rows = read_rows(source, defaults)
-    if config.strict:
-        refuse_invalid_rows(source, rows)
-    lap("read")
-
-    observer.phase("loading model")
-    loaded = load_model(config.model, config.device, config.dtype)
-    lap("load")
+    report = RunReport(output, config.input, config.model)
 
     observer.phase("tokenizing")
-    prompts = tokenize_rows(rows, loaded.tokenizer)
-    check_context(rows, prompts, loaded.max_context)
+    tokenizer = load_tokenizer(config.model)
+    prompts = tokenize_rows(rows, tokenizer)
+    check_context(rows, prompts, max_context_of(config.model))
     lap("tokenize")
 
+    journal = Journal(journal_path(output))
+    if config.restart:
+        journal.discard()
+    identity = model_identity(config.model)
+    keys = {
+        row.id: row_key(prompts[row.index], row.params, effective_seed(row, config.seed), identity)
+        for row in rows
+        if not row.error
+    }
+    resumed, ignored = journal.read(keys)
+    if resumed or ignored:
+        observer.phase(
+            f"resuming: {len(resumed)} row(s) already done in {journal.path.name}"
+            + (f" ({ignored} stale or damaged line(s) ignored)" if ignored else "")
+        )
+
     observer.phase("planning")
-    plan = make_plan(config, rows, prompts)
+    plan = make_plan(config, rows, prompts, skip=[rows_by_id(rows)[i] for i in resumed])
     lap("plan")
+    report.started(rows=len(rows), resumed=len(resumed), plan=plan.summary, identity=identity)
+
+    observer.phase("loading model")
+    loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+    report.device = str(loaded.device)
+    lap("load")
 
     observer.phase("generating")
     observer.started(len(rows))
-    results, stats = generate(config, loaded, rows, prompts, plan, observer)
+    try:
+        results, stats = generate(config, loaded, rows, prompts, plan, observer, journal, keys, resumed)
+    except BaseException as exc:
+        journal.close()
+        report.failed(f"{type(exc).__name__}: {exc}", seconds)
+        raise
     lap("generate")
 
     observer.phase("writing")
     source.write(output, results, OutputContext(loaded.name, int(time.time()), output_shape(rows)))
+    write_errors(output, rows, results)
     lap("write")
 
     errors = [r.error for r in results if r.error]
-    return JobSummary(
+    summary = JobSummary(
         input=config.input,
         output=output,
         rows=len(rows),
         failed=len(errors),
+        resumed=len(resumed),
         prompt_tokens=sum(r.prompt_tokens for r in results),
         output_tokens=sum(r.output_tokens for r in results),
         seconds=seconds,
@@ -302,6 +364,17 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
         plan=plan.summary,
         errors=errors[:MAX_LISTED_PROBLEMS],
     )
+    report.finished(summary)
+    journal.discard()  # the output now holds every row; the report says the job is done
+    return summary
+
+
+def effective_seed(row: Row, job_seed: int) -> int:
+    return row.params.seed if row.params.seed is not None else row_seed(job_seed, row.id)
+
+
+def rows_by_id(rows: list[Row]) -> dict[str, int]:
+    return {row.id: row.index for row in rows}
 
 
 def generate(
@@ -311,27 +384,41 @@ def generate(
     prompts: PromptTokens,
     plan: Plan,
     observer: JobObserver,
+    journal: Journal | None = None,
+    keys: dict[str, str] | None = None,
+    resumed: dict[str, RowResult] | None = None,
 ) -> tuple[list[RowResult], EngineStats | None]:
-    """Run every valid row through the engine; invalid rows get their error record."""
+    """Run every planned row through the engine; invalid rows get their error record and
+    journaled rows their journaled result. Each finished row is journaled at once."""
     results: list[RowResult | None] = [None] * len(rows)
     for row in rows:
         if row.error:
             results[row.index] = RowResult.failed(row.error)
-            observer.row_finished(results[row.index])
+        elif resumed and row.id in resumed:
+            results[row.index] = resumed[row.id]
+        else:
+            continue
+        observer.row_finished(results[row.index])
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
     if requests:
         useful = sum(r.max_total_tokens for r in requests)
         engine = build_engine(loaded, config.engine, useful_tokens=useful)
+        observer.engine_started(engine)
         pending: dict[int, list[Completion]] = {}
         for completion in engine.generate(requests):
             index = completion.request_id
             samples = pending.setdefault(index, [])
             samples.append(completion)
-            if len(samples) == rows[index].params.n:
-                results[index] = row_result(pending.pop(index), len(prompts[index]))
-                observer.row_finished(results[index])
+            if len(samples) < rows[index].params.n:
+                continue
+            result = results[index] = row_result(pending.pop(index), len(prompts[index]))
+            if journal is not None and keys is not None and result.error is None:
+                journal.append(rows[index].id, keys[rows[index].id], result)
+            observer.row_finished(result)
         stats = engine.stats
+    if journal is not None:
+        journal.sync()
     missing = [i for i, r in enumerate(results) if r is None]
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")

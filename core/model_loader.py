@@ -7,6 +7,7 @@ to do.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,8 +85,10 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
         raise InputError(f"{path}: the tokenizer could not be loaded ({exc})") from None
 
 
-def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    tokenizer = load_tokenizer(path)
+def load_model(
+    path: Path, device: str = "auto", dtype: str = "auto", tokenizer: PreTrainedTokenizerBase | None = None
+) -> LoadedModel:
+    tokenizer = tokenizer or load_tokenizer(path)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:
@@ -105,6 +108,29 @@ def load_model(path: Path, device: str = "auto", dtype: str = "auto") -> LoadedM
         eos_token_ids=eos_token_ids(model, tokenizer),
         max_context=max_context_of(path),
     )
+
+
+IDENTITY_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+)
+
+
+def model_identity(path: Path) -> str:
+    """A fingerprint of what a checkpoint generates: its config, generation config and
+    tokenizer files, and the names and sizes of its weight files (hashing gigabytes of
+    weights would cost minutes; a changed fine-tune changes sizes or config in practice)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in IDENTITY_FILES:
+        file = path / name
+        if file.is_file():
+            h.update(name.encode() + b"\x00" + file.read_bytes())
+    for file in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        h.update(f"{file.name}\x00{file.stat().st_size}".encode())
+    return f"{path.name}:{h.hexdigest()}"
 
 
 def max_context_of(path: Path) -> int:

@@ -48,6 +48,18 @@ class ModelRunner:
         )
         return out.logits[0].float()  # (num_sampling_chunks, vocab)
 
+    def _decode_groups(self, batch: StepBatch) -> tuple[tuple[tuple[int, ...], int], ...]:
+        """Decoding chunks grouped by the prefix their requests share (two or more each)."""
+        block_size = self.kv_cache.spec.block_size
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, chunk in enumerate(batch.chunks):
+            group = chunk.request.prefix_group
+            if chunk.num_tokens == 1 and group is not None and group[1] >= block_size:
+                groups.setdefault(group, []).append(i)
+        return tuple(
+            (tuple(members), key[1] // block_size) for key, members in groups.items() if len(members) > 1
+        )
+
     def _metadata(self, batch: StepBatch, slots: list[int]) -> AttentionMetadata:
         q_lens = tuple(c.num_tokens for c in batch.chunks)
         seq_lens = tuple(c.request.num_computed_tokens + c.num_tokens for c in batch.chunks)
@@ -58,6 +70,7 @@ class ModelRunner:
             cu.append(cu[-1] + n)
         device = self.device
         return AttentionMetadata(
+            decode_groups=self._decode_groups(batch),
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),

@@ -22,6 +22,7 @@ The plan is plain data; ``plan_io.py`` saves and loads it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -66,6 +67,13 @@ class Plan:
     @property
     def block_size(self) -> int:
         return self.tree.block_size
+
+    def without(self, rows: set[int]) -> Plan:
+        """The same plan with ``rows`` taken out of the order (they are already done)."""
+        if not rows:
+            return self
+        keep = ~np.isin(self.order, np.fromiter(rows, dtype=np.int64))
+        return dataclasses.replace(self, order=self.order[keep])
 
     def row_group(self) -> np.ndarray:
         """Each row's first-level group (a segment id), -1 for rows that share nothing."""

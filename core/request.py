@@ -35,6 +35,9 @@ class Request:
     sample_index: int = 0  # which of the row's n samples
     segments: tuple[SegmentRef, ...] = ()  # shared prefixes, outermost first, contiguous from 0
     expected_output: int | None = None  # the row's output-length hint, if it has one
+    # The first-level group whose prefix it shares (key, prefix length in tokens), for the
+    # cascade decode kernel; None when it shares nothing.
+    prefix_group: tuple[int, int] | None = None
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)  # per output token, when asked for
     num_computed_tokens: int = 0

@@ -25,3 +25,6 @@ class AttentionMetadata(NamedTuple):
     # Host copies of the two length vectors, so reference code needs no device syncs.
     q_lens_host: tuple[int, ...]
     seq_lens_host: tuple[int, ...]
+    # Decoding sequences that share their first blocks (the plan's first-level groups):
+    # (sequence indices, shared prefix blocks) per group of two or more.
+    decode_groups: tuple[tuple[tuple[int, ...], int], ...] = ()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from batchrun.kernels.cascade import cascade_decode
 from batchrun.kernels.metadata import AttentionMetadata
 
 
@@ -36,22 +37,29 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its cached keys; (T, Hq, D).
 
-    Single-token queries (decodes) are gathered and attended in one batched call; longer
-    chunks (prefills) one sequence at a time."""
+    Decodes of a first-level group read their shared prefix once (cascade.py); other
+    single-token queries are gathered and attended in one batched call; longer chunks
+    (prefills) one sequence at a time."""
     out = torch.empty_like(query)
     block_size = k_cache.shape[1]
     starts = [0]
     for q_len in meta.q_lens_host:
         starts.append(starts[-1] + q_len)
-    decodes = [i for i, q_len in enumerate(meta.q_lens_host) if q_len == 1]
+    done: set[int] = set()
+    if not softcap and not sliding_window:  # the cascade path does neither
+        for members, prefix_blocks in meta.decode_groups:
+            rows = torch.tensor([starts[i] for i in members], device=query.device)
+            kv_lens = torch.tensor([meta.seq_lens_host[i] for i in members], device=query.device)
+            tables = meta.block_tables[list(members)]
+            out[rows] = cascade_decode(query[rows], k_cache, v_cache, tables, kv_lens, prefix_blocks, scale)
+            done.update(members)
+    decodes = [i for i, q_len in enumerate(meta.q_lens_host) if q_len == 1 and i not in done]
     if len(decodes) > 1:
         rows = torch.tensor([starts[i] for i in decodes], device=query.device)
         out[rows] = _decode_batch(
             query[rows], k_cache, v_cache, meta, decodes, scale, softcap, sliding_window
         )
-        done = set(decodes)
-    else:
-        done = set()
+        done.update(decodes)
     for i, (q_len, kv_len) in enumerate(zip(meta.q_lens_host, meta.seq_lens_host, strict=True)):
         if i in done:
             continue

@@ -59,4 +59,5 @@ def test_validate_reports_without_running(tmp_path):
 
 def test_help_documents_exit_codes():
     done = batchrun("--help")
-    assert done.returncode == 0 and "3  finished, but some rows failed" in done.stdout
+    assert done.returncode == 0 and "3  finished, but more rows failed" in done.stdout
+    assert "75 the output is locked" in done.stdout

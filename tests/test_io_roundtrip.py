@@ -117,7 +117,8 @@ def test_in_place_replaces_the_input_and_is_rerunnable(tiny_llama, tmp_path, nam
     assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
     job(tiny_llama, src, in_place=True)  # generated columns are replaced, not duplicated
     assert src.read_bytes() == first
-    assert [p.name for p in tmp_path.iterdir()] == [name]
+    # Beside the output only the run's report and lock file remain (no temporaries, no journal).
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", f"{name}.report.json"]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])

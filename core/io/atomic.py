@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _test_hold(path: Path) -> None:
+    """Tests set BATCHRUN_TEST_HOLD_BEFORE_RENAME=<file name>:<seconds> to kill a run while it
+    writes that file."""
+    name, _, seconds = os.environ.get("BATCHRUN_TEST_HOLD_BEFORE_RENAME", "").partition(":")
+    if name == path.name:
+        time.sleep(float(seconds))
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries a killed run left beside ``path`` (call while holding its lock)."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is synced and renamed onto it.
@@ -28,6 +46,7 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        _test_hold(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
