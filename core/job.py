@@ -40,6 +40,7 @@ from batchrun.core.report import RunReport, write_errors
 from batchrun.core.request import Request, SegmentRef
 from batchrun.core.rows import Columns, InputError, OutputShape, Row, RowResult, parse_row
 from batchrun.core.sampler import make_generator, row_seed
+from batchrun.core.timing import PhaseTimer
 from batchrun.core.tokenize import tokenize_rows
 
 MAX_LISTED_PROBLEMS = 5
@@ -292,15 +293,8 @@ def _run_locked(
     rows: list[Row],
     read_s: float,
 ) -> JobSummary:
-    seconds: dict[str, float] = {"read": read_s}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = now - clock
-        clock = now
-
+    timer = PhaseTimer({"read": read_s})
+    lap, seconds = timer.lap, timer.seconds
     report = RunReport(output, config.input, config.model)
 
     observer.phase("tokenizing")

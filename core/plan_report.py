@@ -9,7 +9,6 @@ and batchrun's plan.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from batchrun.core.model_loader import (
 from batchrun.core.params import SamplingParams
 from batchrun.core.plan import Plan, PlanSummary, build_plan
 from batchrun.core.rows import Columns
+from batchrun.core.timing import PhaseTimer
 from batchrun.core.tokenize import tokenize_rows
 
 PREVIEW_CHARS = 60
@@ -128,15 +128,8 @@ def plan_job(
     device: str = "auto",
 ) -> tuple[PlanReport, Plan]:
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(phase: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[phase] = now - clock
-        clock = now
-
+    timer = PhaseTimer()
+    lap, seconds = timer.lap, timer.seconds
     check_model_folder(model)
     source = open_source(input, columns)
     defaults = SamplingParams().with_overrides(model_sampling_defaults(model) | (sampling or {}))

@@ -20,6 +20,7 @@ from batchrun.core.lock import output_lock
 from batchrun.core.report import errors_path, report_path
 
 from conftest import SAMPLE_JOBS, TINY_LLAMA, save_tiny_model
+from test_architectures import COMMON
 from test_cli import batchrun
 
 
@@ -98,19 +99,7 @@ def test_a_journal_from_another_model_or_params_is_not_used(tmp_path):
     with pytest.raises(Crash):
         run_job(config(src, out), CrashAfter(4))
     other = save_tiny_model(
-        LlamaConfig(
-            vocab_size=2048,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),
-        tmp_path / "other-model",
-        seed=3,
+        LlamaConfig(**COMMON | {"max_position_embeddings": 2048}), tmp_path / "other", seed=3
     )
     with pytest.raises(Crash):
         run_job(config(src, out, sampling={"max_tokens": 7}), CrashAfter(1))  # other params
