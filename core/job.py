@@ -320,29 +320,33 @@ def _run_locked(
         )
 
     observer.phase("planning")
-    plan = make_plan(config, rows, prompts, skip=[rows_by_id(rows)[i] for i in resumed])
+    index_of = rows_by_id(rows)
+    plan = make_plan(config, rows, prompts, skip=[index_of[row_id] for row_id in resumed])
     lap("plan")
     report.started(rows=len(rows), resumed=len(resumed), plan=plan.summary, identity=identity)
 
-    observer.phase("loading model")
-    loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
-    report.device = str(loaded.device)
-    lap("load")
-
-    observer.phase("generating")
-    observer.started(len(rows))
     try:
+        loaded = None
+        if len(plan.order):  # a run resumed with every row journaled needs no model
+            observer.phase("loading model")
+            loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+            report.device = str(loaded.device)
+        lap("load")
+
+        observer.phase("generating")
+        observer.started(len(rows))
         results, stats = generate(config, loaded, rows, prompts, plan, observer, journal, keys, resumed)
-    except BaseException as exc:
+        lap("generate")
+
+        observer.phase("writing")
+        context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
+        source.write(output, results, context)
+        write_errors(output, rows, results)
+        lap("write")
+    except BaseException as exc:  # the journal keeps every finished row for the next run
         journal.close()
         report.failed(f"{type(exc).__name__}: {exc}", seconds)
         raise
-    lap("generate")
-
-    observer.phase("writing")
-    source.write(output, results, OutputContext(loaded.name, int(time.time()), output_shape(rows)))
-    write_errors(output, rows, results)
-    lap("write")
 
     errors = [r.error for r in results if r.error]
     summary = JobSummary(
@@ -373,7 +377,7 @@ def rows_by_id(rows: list[Row]) -> dict[str, int]:
 
 def generate(
     config: JobConfig,
-    loaded: LoadedModel,
+    loaded: LoadedModel | None,
     rows: list[Row],
     prompts: PromptTokens,
     plan: Plan,
@@ -396,6 +400,7 @@ def generate(
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
     if requests:
+        assert loaded is not None, "rows to generate but no model loaded"
         useful = sum(r.max_total_tokens for r in requests)
         engine = build_engine(loaded, config.engine, useful_tokens=useful)
         observer.engine_started(engine)

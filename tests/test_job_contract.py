@@ -266,3 +266,24 @@ def test_sigkill_during_the_final_write(tmp_path):
     assert json.loads(report_path(out).read_text())["resumed"] == 48  # nothing regenerated
     assert rows_of(out) == rows_of(tmp_path / "clean.jsonl")
     assert not any(tmp_path.glob(".out.jsonl.tmp-*"))
+
+
+def test_a_full_disk_while_writing_keeps_the_journal_and_leaves_no_partial_output(tmp_path, monkeypatch):
+    from batchrun.core.io import jsonl
+    from batchrun.core.io.atomic import atomic_file
+
+    def disk_full(self, output, results, context):
+        with atomic_file(output) as tmp:
+            tmp.write_text('{"half": ')
+            raise OSError(28, "No space left on device")
+
+    src = sample_copy(tmp_path)
+    out = tmp_path / "out.jsonl"
+    with monkeypatch.context() as patch:
+        patch.setattr(jsonl.JsonlSource, "write", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            run_job(config(src, out))
+    assert not out.exists() and not list(tmp_path.glob(".out.jsonl.tmp-*"))
+    assert len(journal_lines(out)) == 12
+    assert json.loads(report_path(out).read_text())["state"] == "failed"
+    assert run_job(config(src, out)).resumed == 12  # the next run only writes
