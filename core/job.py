@@ -231,6 +231,14 @@ def make_requests(
             )
 
 
+def most_kv_tokens(requests: list[Request], block_size: int) -> int:
+    """KV positions the job could ever hold at once: every shared segment once, plus each
+    request's own part (prompt after its segments + max_tokens), with a block of rounding."""
+    segments = {ref.key: ref.end - ref.start for r in requests for ref in r.segments}
+    own = sum(r.max_total_tokens - (r.segments[-1].end if r.segments else 0) + block_size for r in requests)
+    return own + sum(segments.values())
+
+
 def output_shape(rows: list[Row]) -> OutputShape:
     runnable = [row.params for row in rows if row.params is not None]
     return OutputShape(
@@ -401,8 +409,7 @@ def generate(
     stats = None
     if requests:
         assert loaded is not None, "rows to generate but no model loaded"
-        useful = sum(r.max_total_tokens for r in requests)
-        engine = build_engine(loaded, config.engine, useful_tokens=useful)
+        engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
         observer.engine_started(engine)
         pending: dict[int, list[Completion]] = {}
         for completion in engine.generate(requests):

@@ -9,6 +9,10 @@ from batchrun.core.kv_cache import KVCache
 from batchrun.core.scheduler import StepBatch
 from batchrun.kernels import AttentionBackend, AttentionMetadata
 
+# Use the cascade kernel for a decode group when it spares at least this many prefix-token
+# reads ((members - 1) x prefix length); below it the per-group overhead costs more (CPU).
+CASCADE_MIN_SAVED_TOKENS = 2048
+
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend) -> None:
@@ -49,7 +53,9 @@ class ModelRunner:
         return out.logits[0].float()  # (num_sampling_chunks, vocab)
 
     def _decode_groups(self, batch: StepBatch) -> tuple[tuple[tuple[int, ...], int], ...]:
-        """Decoding chunks grouped by the prefix their requests share (two or more each)."""
+        """Decoding chunks grouped by the prefix their requests share, for the cascade kernel:
+        only groups where reading the prefix once saves enough (a call per group has a fixed
+        cost; many small groups run faster through the batched decode path)."""
         block_size = self.kv_cache.spec.block_size
         groups: dict[tuple[int, int], list[int]] = {}
         for i, chunk in enumerate(batch.chunks):
@@ -57,7 +63,9 @@ class ModelRunner:
             if chunk.num_tokens == 1 and group is not None and group[1] >= block_size:
                 groups.setdefault(group, []).append(i)
         return tuple(
-            (tuple(members), key[1] // block_size) for key, members in groups.items() if len(members) > 1
+            (tuple(members), prefix_len // block_size)
+            for (_, prefix_len), members in groups.items()
+            if (len(members) - 1) * prefix_len >= CASCADE_MIN_SAVED_TOKENS
         )
 
     def _metadata(self, batch: StepBatch, slots: list[int]) -> AttentionMetadata:

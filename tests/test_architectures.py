@@ -17,13 +17,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from batchrun.core.config import EngineConfig
-from batchrun.core.engine import build_engine
+from batchrun.core import model_runner
 from batchrun.core.model_loader import SUPPORTED_MODEL_TYPES, load_model
-from batchrun.core.params import SamplingParams
-from batchrun.core.request import Request
 
 from conftest import reference_generate, save_tiny_model
+from test_oracle import run_engine
 
 COMMON = dict(
     vocab_size=2048,
@@ -56,7 +54,10 @@ def test_every_supported_type_is_tested():
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_architecture_matches_transformers_generate(model_type, tmp_path):
+def test_architecture_matches_transformers_generate(model_type, tmp_path, monkeypatch):
+    """Through the plan: the two lighthouse prompts share their first blocks, and their
+    decodes go through the cascade kernel (where the model allows it)."""
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
     path = save_tiny_model(CONFIGS[model_type](), tmp_path / model_type)
     loaded = load_model(path, device="cpu", dtype="float32")
     tok = loaded.tokenizer
@@ -68,7 +69,6 @@ def test_architecture_matches_transformers_generate(model_type, tmp_path):
     prompts = [tok(t)["input_ids"] for t in texts]
     max_tokens = [12, 9, 14]
     expected = reference_generate(path, prompts, max_tokens)
-    engine = build_engine(loaded, EngineConfig(block_size=4, token_budget=11))
-    requests = [Request(i, p, SamplingParams(max_tokens=max_tokens[i])) for i, p in enumerate(prompts)]
-    got = {c.request_id: c.token_ids for c in engine.generate(requests)}
-    assert [got[i] for i in range(len(prompts))] == expected
+    got, engine = run_engine(loaded, prompts, max_tokens, block_size=4, token_budget=11)
+    assert got == expected
+    assert engine.stats.cached_prompt_tokens > 0

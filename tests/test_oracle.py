@@ -172,3 +172,18 @@ def test_single_row_job(loaded, workload, expected):
     prompts, max_tokens = workload
     got, _ = run_engine(loaded, prompts[:1], max_tokens[:1], token_budget=16, block_size=16)
     assert got == expected[:1]
+
+
+def test_oracle_holds_with_the_cascade_decode_kernel(loaded, workload, expected, monkeypatch):
+    """Force every decode group through the shared-prefix (cascade) kernel and count its use."""
+    from batchrun.core import model_runner
+    from batchrun.kernels import torch_ref
+
+    calls = []
+    real = torch_ref.cascade_decode
+    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
+    monkeypatch.setattr(torch_ref, "cascade_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    prompts, max_tokens = workload
+    got, _ = run_engine(loaded, prompts, max_tokens, token_budget=64, block_size=4)
+    assert got == expected
+    assert calls, "no decode group went through the cascade kernel"
