@@ -1,6 +1,6 @@
 """The ``batchrun`` command line. It builds typed configs and renders; the core does the work.
 
-Exit codes (also in ``batchrun --help``):
+Exit codes:
   0  every row finished
   1  usage error (bad option or value)
   2  invalid input file or model: nothing was run, nothing written
@@ -36,11 +36,13 @@ from batchrun.core.rows import Columns, InputError
 from batchrun.core.status import job_status
 from batchrun.core.validate import validate_file
 
+# "\b" keeps click from re-flowing the exit-code table into one paragraph.
+EXIT_CODES_HELP = "\b\n" + __doc__.split("\n", 2)[2]
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_ROWS_FAILED, EXIT_ENGINE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
 BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" / "tiny-llama"
 
 app = typer.Typer(
-    help=f"Offline, large-batch LLM inference with global prefix sharing.\n\n{__doc__.split(chr(10), 2)[2]}",
+    help=f"Offline, large-batch LLM inference with global prefix sharing.\n\n{EXIT_CODES_HELP}",
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
@@ -91,7 +93,11 @@ def sampling_overrides(**values: Any) -> dict[str, Any]:
     return chosen
 
 
-@app.command()
+@app.command(
+    help="Generate a completion for every row and write them back into their rows.\n\n"
+    "INPUT may be a TOML job file holding these options under their long names (and "
+    "`input`); options on the command line override it.\n\n" + EXIT_CODES_HELP
+)
 def run(
     ctx: typer.Context,
     input: Annotated[
@@ -180,10 +186,7 @@ def run(
         bool, typer.Option("--log-json", help="Progress as JSON lines on stderr instead of text.")
     ] = False,
 ) -> None:
-    """Generate a completion for every row and write them back into their rows.
-
-    INPUT may be a TOML job file holding these options under their long names (and
-    `input`); options on the command line override it."""
+    # Must stay the first statement: it collects exactly the parameters.
     options = {name: value for name, value in locals().items() if name != "ctx"}
     if is_job_file(input):
         try:

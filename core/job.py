@@ -1,9 +1,11 @@
-"""A whole job: read and check the prompt file, load the model, generate, write in row order.
+"""A whole job: read ▸ tokenize ▸ resume ▸ plan ▸ load ▸ generate ▸ write, in row order.
 
 Everything that can be checked without the model (file format, row fields, duplicate ids,
-an output location we can write) is checked before the model loads, so a bad job fails in
-seconds, not after minutes of loading. The core never prints: it reports to a
-``JobObserver`` and returns a ``JobSummary``; the CLI renders both.
+an output location we can write, another run holding the output) is checked before the
+model loads, so a bad job fails in seconds, not after minutes of loading. Finished rows go
+to the journal as they complete; rows an earlier run journaled are not generated again.
+The core never prints: it reports to a ``JobObserver`` and returns a ``JobSummary``; the
+CLI renders both.
 """
 
 from __future__ import annotations

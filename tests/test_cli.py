@@ -61,3 +61,5 @@ def test_help_documents_exit_codes():
     done = batchrun("--help")
     assert done.returncode == 0 and "3  finished, but more rows failed" in done.stdout
     assert "75 the output is locked" in done.stdout
+    run_help = batchrun("run", "--help")
+    assert run_help.returncode == 0 and "75 the output is locked" in run_help.stdout
