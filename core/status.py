@@ -15,7 +15,7 @@ from batchrun.core.report import errors_path, report_path
 @dataclass
 class JobStatus:
     output: Path
-    state: str  # "running" | "interrupted" | "done" | "failed" | "not started"
+    state: str  # "running" | "interrupted" | "done" | "failed" | "not started" | "no report"
     rows: int | None = None
     rows_journaled: int = 0  # finished rows kept in the journal (an unfinished run's progress)
     report: dict[str, Any] = field(default_factory=dict)
@@ -31,6 +31,8 @@ def job_status(output: Path) -> JobStatus:
         pass
     running = is_locked(output)
     state = report.get("state", "not started")
+    if not report and (output.exists() or journal_path(output).exists()):
+        state = "no report"  # written by a batchrun before reports, or its report was removed
     if running:
         state = "running"
     elif state in ("running", "starting"):

@@ -287,3 +287,9 @@ def test_a_full_disk_while_writing_keeps_the_journal_and_leaves_no_partial_outpu
     assert len(journal_lines(out)) == 12
     assert json.loads(report_path(out).read_text())["state"] == "failed"
     assert run_job(config(src, out)).resumed == 12  # the next run only writes
+
+
+def test_status_of_outputs_without_a_run(tmp_path):
+    assert "not started" in batchrun("status", tmp_path / "nothing.jsonl").stdout
+    (tmp_path / "old.jsonl").write_text("{}\n")
+    assert "no report" in batchrun("status", tmp_path / "old.jsonl").stdout
