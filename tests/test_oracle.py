@@ -187,3 +187,25 @@ def test_oracle_holds_with_the_cascade_decode_kernel(loaded, workload, expected,
     got, _ = run_engine(loaded, prompts, max_tokens, token_budget=64, block_size=4)
     assert got == expected
     assert calls, "no decode group went through the cascade kernel"
+
+
+def test_a_request_that_can_never_fit_the_pool_gets_an_error_and_the_rest_run(loaded, workload, expected):
+    prompts, max_tokens = workload
+    long_prompt = prompts[0] + prompts[1] * 6  # shares its first blocks with row 0
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=4)
+    pool_blocks = spec.blocks_for(max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True)))
+    assert spec.blocks_for(len(long_prompt) + 4) > pool_blocks
+    engine = build_engine(
+        loaded, EngineConfig(block_size=4, kv_cache_bytes=pool_blocks * spec.bytes_per_block)
+    )
+    all_prompts = [*prompts, long_prompt]
+    tokens = PromptTokens.from_lists(all_prompts)
+    limits = np.array([*max_tokens, 4])
+    plan = build_plan(tokens, np.ones(len(all_prompts), bool), limits, 4)
+    rows = [
+        Row(i, str(i), f"row {i}", params=SamplingParams(max_tokens=int(m))) for i, m in enumerate(limits)
+    ]
+    done = {c.request_id: c for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0))}
+    assert done[len(prompts)].finish_reason == "error" and "whole pool" in done[len(prompts)].error
+    assert [done[i].token_ids for i in range(len(prompts))] == expected
+    assert engine.pool.num_free == engine.pool.num_blocks and not engine.prefixes.segments
