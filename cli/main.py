@@ -15,6 +15,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import click
@@ -193,7 +194,7 @@ def run(
             options |= job_file_options(ctx, input, options)
         except InputError as exc:
             raise fail(EXIT_INPUT, str(exc)) from None
-    _run(**options)
+    _run(SimpleNamespace(**options))
 
 
 def job_file_options(ctx: typer.Context, path: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -218,76 +219,46 @@ def job_file_options(ctx: typer.Context, path: Path, options: dict[str, Any]) ->
     return chosen
 
 
-def _run(
-    *,
-    input: Path,
-    model: Path,
-    output: Path | None,
-    in_place: bool,
-    max_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    seed: int,
-    ignore_eos: bool,
-    n: int | None,
-    logprobs: int | None,
-    device: Device,
-    dtype: DType,
-    prompt_column: str,
-    messages_column: str,
-    id_column: str,
-    block_size: int,
-    token_budget: int,
-    kv_memory: str | None,
-    reserve_full: bool,
-    strict: bool,
-    log_every: float,
-    plan: Path | None,
-    prefix_sharing: bool,
-    order: Order,
-    restart: bool,
-    max_error_rate: float,
-    log_json: bool,
-) -> None:
-    if not 0.0 <= max_error_rate <= 1.0:
-        raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {max_error_rate}")
+def _run(o: SimpleNamespace) -> None:
+    """``run`` with its options (command line over job file) as attributes of ``o``."""
+    if not 0.0 <= o.max_error_rate <= 1.0:
+        raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {o.max_error_rate}")
     try:
         engine = EngineConfig(
-            block_size=block_size,
-            token_budget=token_budget,
-            kv_cache_bytes=parse_memory(kv_memory) if kv_memory else None,
-            reserve_full=reserve_full,
+            block_size=o.block_size,
+            token_budget=o.token_budget,
+            kv_cache_bytes=parse_memory(o.kv_memory) if o.kv_memory else None,
+            reserve_full=o.reserve_full,
         )
     except ValueError as exc:
         raise fail(EXIT_USAGE, str(exc)) from None
     sampling = sampling_overrides(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        ignore_eos=ignore_eos or None,
-        n=n,
-        logprobs=logprobs,
+        max_tokens=o.max_tokens,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        top_k=o.top_k,
+        ignore_eos=o.ignore_eos or None,
+        n=o.n,
+        logprobs=o.logprobs,
     )
     config = JobConfig(
-        input=input,
-        model=model,
-        output=output,
-        in_place=in_place,
-        columns=Columns(prompt_column, messages_column, id_column),
+        input=o.input,
+        model=o.model,
+        output=o.output,
+        in_place=o.in_place,
+        columns=Columns(o.prompt_column, o.messages_column, o.id_column),
         sampling=sampling,
-        seed=seed,
-        device=device.value,
-        dtype=dtype.value,
+        seed=o.seed,
+        device=o.device.value,
+        dtype=o.dtype.value,
         engine=engine,
-        strict=strict,
-        plan_file=plan,
-        prefix_sharing=prefix_sharing,
-        order=order.value,
-        restart=restart,
+        strict=o.strict,
+        plan_file=o.plan,
+        prefix_sharing=o.prefix_sharing,
+        order=o.order.value,
+        restart=o.restart,
     )
-    observer = ConsoleObserver(err, log_every=log_every, json_lines=log_json)
+    observer = ConsoleObserver(err, log_every=o.log_every, json_lines=o.log_json)
     try:
         summary = run_job(config, observer)
     except OutputLocked as exc:
@@ -303,7 +274,7 @@ def _run(
         raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
     observer.close()
     out.print(summary_table(summary))
-    if summary.failed and summary.failed > max_error_rate * summary.rows:
+    if summary.failed and summary.failed > o.max_error_rate * summary.rows:
         raise typer.Exit(EXIT_ROWS_FAILED)
 
 
