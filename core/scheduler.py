@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from batchrun.core.kv_cache import BlockPool, KVCacheSpec
@@ -230,37 +231,33 @@ class Scheduler:
 
     def _new_blocks_needed(self, request: Request, num_tokens: int) -> int:
         """Blocks ``_allocate`` would take from the pool (a segment's existing blocks are free)."""
-        bs = self.spec.block_size
-        count = 0
-        for index in self._new_block_indices(request, num_tokens):
-            segment = self._segment_written_at(request, index * bs)
-            if segment is None or (index * bs - segment.start) // bs >= len(segment.block_ids):
-                count += 1
-        return count
+        return sum(
+            segment is None or k >= len(segment.block_ids)
+            for segment, k in self._opened_blocks(request, num_tokens)
+        )
 
     def _allocate(self, request: Request, num_tokens: int) -> None:
         """Give ``request`` the blocks its next ``num_tokens`` positions land in."""
-        bs = self.spec.block_size
-        for index in self._new_block_indices(request, num_tokens):
-            segment = self._segment_written_at(request, index * bs)
+        for segment, k in self._opened_blocks(request, num_tokens):
             if segment is None:
                 request.block_ids.append(self.pool.allocate())
                 continue
-            k = (index * bs - segment.start) // bs
             if k == len(segment.block_ids):
                 segment.block_ids.append(self.pool.allocate())  # the segment's own reference
             self.pool.share(segment.block_ids[k])
             request.block_ids.append(segment.block_ids[k])
 
-    def _new_block_indices(self, request: Request, num_tokens: int) -> range:
-        """Indices (in the request's block table) of blocks its next chunk opens."""
-        return range(len(request.block_ids), self.spec.blocks_for(request.num_computed_tokens + num_tokens))
-
-    def _segment_written_at(self, request: Request, position: int) -> SharedSegment | None:
-        for segment in self.writing.get(request, ()):
-            if segment.start <= position < segment.end:
-                return segment
-        return None
+    def _opened_blocks(self, request: Request, num_tokens: int) -> Iterator[tuple[SharedSegment | None, int]]:
+        """For each block the request's next chunk opens: the segment it writes the block for
+        and the block's index in that segment, or ``(None, 0)`` for a block of its own."""
+        bs = self.spec.block_size
+        writing = self.writing.get(request, ())
+        for index in range(
+            len(request.block_ids), self.spec.blocks_for(request.num_computed_tokens + num_tokens)
+        ):
+            position = index * bs
+            segment = next((s for s in writing if s.start <= position < s.end), None)
+            yield segment, (position - segment.start) // bs if segment else 0
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
