@@ -15,9 +15,10 @@ import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from batchrun.core.config import EngineConfig
 from batchrun.core.engine import Completion, Engine, EngineStats, build_engine
@@ -146,8 +147,10 @@ def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
         )
 
 
-def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> None:
-    """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context."""
+def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> list[int]:
+    """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context; return
+    their indices."""
+    marked = []
     lengths = prompts.lengths.tolist()
     for row, length in zip(rows, lengths, strict=True):
         if row.error:
@@ -157,6 +160,29 @@ def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> N
                 f"{row.location}: prompt ({length} tokens) + max_tokens ({row.params.max_tokens}) "
                 f"exceeds the model's context of {max_context} tokens; shorten the prompt or lower max_tokens"
             )
+            marked.append(row.index)
+    return marked
+
+
+def job_defaults(model: Path, sampling: dict[str, Any]) -> SamplingParams:
+    """Row defaults: the checkpoint's generation config, overridden by the job's options."""
+    return SamplingParams().with_overrides(model_sampling_defaults(model) | sampling)
+
+
+class TokenizedRows(NamedTuple):
+    tokenizer: PreTrainedTokenizerBase
+    prompts: PromptTokens
+    max_context: int
+    over_context: list[int]  # rows just marked for exceeding the context
+
+
+def tokenize_for(model: Path, rows: list[Row]) -> TokenizedRows:
+    """Tokenize ``rows`` with ``model``'s tokenizer and mark those that overflow its context
+    (as ``run``, ``plan`` and ``validate`` all do)."""
+    tokenizer = load_tokenizer(model)
+    prompts = tokenize_rows(rows, tokenizer)
+    max_context = max_context_of(model)
+    return TokenizedRows(tokenizer, prompts, max_context, check_context(rows, prompts, max_context))
 
 
 def runnable_mask(rows: list[Row]) -> np.ndarray:
@@ -286,8 +312,8 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     check_writable(output)
     if is_locked(output):  # fail fast, before reading a large file; the lock below decides
         raise OutputLocked(locked_message(output))
-    defaults = SamplingParams().with_overrides(model_sampling_defaults(config.model) | config.sampling)
-    rows = read_rows(source, defaults)  # a bad file fails here, having written nothing
+    # A bad file fails here, having written nothing.
+    rows = read_rows(source, job_defaults(config.model, config.sampling))
     if config.strict:
         refuse_invalid_rows(source, rows)
     with output_lock(output):
@@ -308,9 +334,7 @@ def _run_locked(
     report = RunReport(output, config.input, config.model)
 
     observer.phase("tokenizing")
-    tokenizer = load_tokenizer(config.model)
-    prompts = tokenize_rows(rows, tokenizer)
-    check_context(rows, prompts, max_context_of(config.model))
+    tokenizer, prompts, _, _ = tokenize_for(config.model, rows)
     lap("tokenize")
 
     journal = Journal(journal_path(output))

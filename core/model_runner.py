@@ -85,4 +85,5 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
             q_lens_host=q_lens,
             seq_lens_host=seq_lens,
+            q_starts_host=tuple(cu),
         )

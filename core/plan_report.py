@@ -18,23 +18,18 @@ import torch
 from transformers import AutoConfig
 
 from batchrun.core.io import open_source
-from batchrun.core.job import check_context, expected_output_tokens, read_rows, runnable_mask
+from batchrun.core.job import expected_output_tokens, job_defaults, read_rows, runnable_mask, tokenize_for
 from batchrun.core.kv_budget import kv_cache_bytes
 from batchrun.core.kv_cache import KVCacheSpec
 from batchrun.core.lru_baseline import lru_computed_tokens
 from batchrun.core.model_loader import (
     check_model_folder,
-    load_tokenizer,
-    max_context_of,
-    model_sampling_defaults,
     resolve_device,
     resolve_dtype,
 )
-from batchrun.core.params import SamplingParams
 from batchrun.core.plan import Plan, PlanSummary, build_plan
 from batchrun.core.rows import Columns
 from batchrun.core.timing import PhaseTimer
-from batchrun.core.tokenize import tokenize_rows
 
 PREVIEW_CHARS = 60
 LISTED_ROWS = 5
@@ -132,16 +127,11 @@ def plan_job(
     lap, seconds = timer.lap, timer.seconds
     check_model_folder(model)
     source = open_source(input, columns)
-    defaults = SamplingParams().with_overrides(model_sampling_defaults(model) | (sampling or {}))
-    rows = read_rows(source, defaults)
+    rows = read_rows(source, job_defaults(model, sampling or {}))
     lap("read")
 
-    tokenizer = load_tokenizer(model)
-    prompts = tokenize_rows(rows, tokenizer)
-    fits_so_far = runnable_mask(rows)
-    max_context = max_context_of(model)
-    check_context(rows, prompts, max_context)
-    over_context = [rows[i].error for i in np.flatnonzero(fits_so_far & ~runnable_mask(rows))]
+    tokenizer, prompts, max_context, overflowing = tokenize_for(model, rows)
+    over_context = [rows[i].error for i in overflowing]
     lap("tokenize")
 
     runnable = runnable_mask(rows)
@@ -168,7 +158,7 @@ def plan_job(
         max_context=max_context,
         over_context_rows=over_context[:LISTED_ROWS],
         over_context_count=len(over_context),
-        invalid_rows=int((~fits_so_far).sum()),
+        invalid_rows=int((~runnable).sum()) - len(overflowing),
         top_segments=top_segments(plan, prompts, tokenizer, top),
         top_groups=top_groups(plan, top),
         seconds=seconds,

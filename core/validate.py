@@ -6,16 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchrun.core.io import open_source
-from batchrun.core.job import check_context, read_rows
+from batchrun.core.job import job_defaults, read_rows, tokenize_for
 from batchrun.core.model_loader import (
     check_model_folder,
-    load_tokenizer,
-    max_context_of,
-    model_sampling_defaults,
 )
 from batchrun.core.params import SamplingParams
 from batchrun.core.rows import Columns
-from batchrun.core.tokenize import tokenize_rows
 
 
 @dataclass
@@ -34,18 +30,16 @@ def validate_file(
     """Read and check every row; with ``model``, also tokenize and check context lengths.
 
     File-level problems raise ``InputError`` exactly as ``batchrun run`` would."""
-    overrides = dict(sampling or {})
     if model is not None:
         check_model_folder(model)
-        overrides = model_sampling_defaults(model) | overrides
+        defaults = job_defaults(model, sampling or {})
+    else:
+        defaults = SamplingParams().with_overrides(sampling or {})
     source = open_source(path, columns)
-    rows = read_rows(source, SamplingParams().with_overrides(overrides))
+    rows = read_rows(source, defaults)
     report = ValidationReport(path, source.format_name, len(rows))
     if model is not None:
-        tokenizer = load_tokenizer(model)
-        prompts = tokenize_rows(rows, tokenizer)
-        report.max_context = max_context_of(model)
-        check_context(rows, prompts, report.max_context)
+        _, prompts, report.max_context, _ = tokenize_for(model, rows)
         lengths = prompts.lengths.tolist()
         report.token_lengths = [n for row, n in zip(rows, lengths, strict=True) if not row.error]
     report.problems = [row.error for row in rows if row.error]

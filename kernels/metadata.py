@@ -22,9 +22,10 @@ class AttentionMetadata(NamedTuple):
     cu_seqlens_q: torch.Tensor  # (S + 1,) int32: query offsets, cu_seqlens_q[0] == 0
     seq_lens: torch.Tensor  # (S,) int32: cached tokens per sequence after this step
     block_tables: torch.Tensor  # (S, max_blocks) int32, right-padded with 0
-    # Host copies of the two length vectors, so reference code needs no device syncs.
+    # Host copies of the length vectors, so reference code needs no device syncs.
     q_lens_host: tuple[int, ...]
     seq_lens_host: tuple[int, ...]
-    # Decoding sequences that share their first blocks (the plan's first-level groups):
-    # (sequence indices, shared prefix blocks) per group of two or more.
+    q_starts_host: tuple[int, ...]  # cu_seqlens_q
+    # Decoding sequences whose shared prefix the cascade kernel should read once (groups
+    # of the plan that clear the model runner's threshold): (sequence indices, prefix blocks).
     decode_groups: tuple[tuple[tuple[int, ...], int], ...] = ()

@@ -42,9 +42,7 @@ def paged_attention(
     (prefills) one sequence at a time."""
     out = torch.empty_like(query)
     block_size = k_cache.shape[1]
-    starts = [0]
-    for q_len in meta.q_lens_host:
-        starts.append(starts[-1] + q_len)
+    starts = meta.q_starts_host
     done: set[int] = set()
     if not softcap and not sliding_window:  # the cascade path does neither
         for members, prefix_blocks in meta.decode_groups:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from batchrun.core import plan_report
+from batchrun.core import job
 from batchrun.core.config import EngineConfig
 from batchrun.core.job import JobConfig, run_job
 from batchrun.core.plan_io import save_plan
@@ -127,8 +127,8 @@ class FailsOnBoom:
 
 
 def test_a_row_the_tokenizer_fails_on_is_marked_and_the_plan_goes_on(tmp_path, monkeypatch):
-    real = plan_report.load_tokenizer
-    monkeypatch.setattr(plan_report, "load_tokenizer", lambda path: FailsOnBoom(real(path)))
+    real = job.load_tokenizer  # `plan` tokenizes through the job's tokenize_for
+    monkeypatch.setattr(job, "load_tokenizer", lambda path: FailsOnBoom(real(path)))
     src = tmp_path / "in.jsonl"
     rows = [{"prompt": "a shared preamble, then question one"}, {"prompt": "BOOM"}]
     rows += [{"prompt": "a shared preamble, then question two"}, {"prompt": "x " * 3000}]
