@@ -132,14 +132,14 @@ def run_generate(model_path: Path, prompts: list[list[int]], max_tokens: list[in
 def run_batchrun(
     model_path: Path, prompts: list[list[int]], max_tokens: list[int], full: bool, budget: int
 ) -> dict:
-    from batchrun.core.config import EngineConfig
-    from batchrun.core.engine import build_engine
-    from batchrun.core.job import make_requests
-    from batchrun.core.model_loader import load_model
+    from batchrun.core.engine.config import EngineConfig
+    from batchrun.core.engine.engine import build_engine
+    from batchrun.core.job.requests import make_requests
+    from batchrun.core.job.rows import Row
     from batchrun.core.params import SamplingParams
-    from batchrun.core.plan import build_plan
-    from batchrun.core.prompt_tokens import PromptTokens
-    from batchrun.core.rows import Row
+    from batchrun.core.planner.plan import build_plan
+    from batchrun.core.planner.prompt_tokens import PromptTokens
+    from batchrun.core.runner.model_loader import load_model
 
     loaded = load_model(model_path, device="cpu", dtype="float32")
     config = EngineConfig(token_budget=budget)
@@ -170,7 +170,7 @@ def run_batchrun(
 def child(args: argparse.Namespace) -> None:
     """Run one system on one workload in this (fresh) process; print JSON."""
     torch.set_num_threads(args.threads)
-    from batchrun.core.model_loader import load_tokenizer
+    from batchrun.core.runner.model_loader import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
     items = make_workload(args.workload, args.rows, args.max_tokens)

@@ -62,8 +62,8 @@ def synthetic_batch(num_rows: int, folder: Path, seed: int = 0) -> tuple[Path, P
 
 def plan_in_this_process(tokens_file: str, offsets_file: str, block_size: int) -> dict:
     """Load a batch, plan it, and report times and peak RSS (run in a fresh child process)."""
-    from batchrun.core.plan import build_plan
-    from batchrun.core.prompt_tokens import PromptTokens
+    from batchrun.core.planner.plan import build_plan
+    from batchrun.core.planner.prompt_tokens import PromptTokens
 
     prompts = PromptTokens(np.load(tokens_file), np.load(offsets_file))
     loaded = peak_rss()
@@ -90,9 +90,9 @@ def peak_rss() -> int:
 
 def tokenization_throughput(num_rows: int = 20_000) -> tuple[float, float]:
     """Rows/s and tokens/s of batched fast tokenization with the bundled tokenizer."""
-    from batchrun.core.model_loader import load_tokenizer
-    from batchrun.core.rows import Row
-    from batchrun.core.tokenize import tokenize_rows
+    from batchrun.core.job.rows import Row
+    from batchrun.core.job.tokenize import tokenize_rows
+    from batchrun.core.runner.model_loader import load_tokenizer
 
     tokenizer = load_tokenizer(REPO / "sample_jobs" / "models" / "tiny-llama")
     words = "the harbour lighthouse was built from local granite and its lamp burned paraffin".split()

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from batchrun.core.rows import InputError
+from batchrun.core.errors import InputError
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -25,17 +25,19 @@ from rich.console import Console
 from batchrun.cli.job_file import is_job_file, read_job_file
 from batchrun.cli.progress import ConsoleObserver
 from batchrun.cli.render import plan_tables, status_table, summary_table, validation_table
-from batchrun.core.config import EngineConfig
-from batchrun.core.job import JobConfig, run_job
-from batchrun.core.kv_budget import parse_memory
-from batchrun.core.lock import OutputLocked
+from batchrun.core.engine.config import EngineConfig
+from batchrun.core.errors import InputError
+from batchrun.core.job.config import JobConfig
+from batchrun.core.job.lock import OutputLocked
+from batchrun.core.job.plan_command import plan_job
+from batchrun.core.job.plan_file import save_plan
+from batchrun.core.job.rows import Columns
+from batchrun.core.job.run import run_job
+from batchrun.core.job.status import job_status
+from batchrun.core.job.validate import validate_file
 from batchrun.core.params import ParamError, SamplingParams
-from batchrun.core.plan import ORDER_INPUT, ORDER_PLAN
-from batchrun.core.plan_io import save_plan
-from batchrun.core.plan_report import plan_job
-from batchrun.core.rows import Columns, InputError
-from batchrun.core.status import job_status
-from batchrun.core.validate import validate_file
+from batchrun.core.planner.plan import ORDER_INPUT, ORDER_PLAN
+from batchrun.core.runner.kv_budget import parse_memory
 
 # "\b" keeps click from re-flowing the exit-code table into one paragraph.
 EXIT_CODES_HELP = "\b\n" + __doc__.split("\n", 2)[2]

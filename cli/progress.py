@@ -13,9 +13,9 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from batchrun.core.engine import Engine
-from batchrun.core.job import JobObserver
-from batchrun.core.rows import RowResult
+from batchrun.core.engine.engine import Engine
+from batchrun.core.job.config import JobObserver
+from batchrun.core.job.rows import RowResult
 
 
 class ConsoleObserver(JobObserver):

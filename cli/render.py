@@ -8,10 +8,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from batchrun.core.job import JobSummary
-from batchrun.core.plan_report import PlanReport
-from batchrun.core.status import JobStatus
-from batchrun.core.validate import ValidationReport
+from batchrun.core.job.config import JobSummary
+from batchrun.core.job.plan_command import PlanReport
+from batchrun.core.job.status import JobStatus
+from batchrun.core.job.validate import ValidationReport
 
 
 def summary_table(summary: JobSummary) -> Table:

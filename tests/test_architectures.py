@@ -17,8 +17,8 @@ from transformers import (
     Qwen3Config,
 )
 
-from batchrun.core import model_runner
-from batchrun.core.model_loader import SUPPORTED_MODEL_TYPES, load_model
+from batchrun.core.runner import model_runner
+from batchrun.core.runner.model_loader import SUPPORTED_MODEL_TYPES, load_model
 
 from conftest import reference_generate, save_tiny_model
 from test_oracle import run_engine

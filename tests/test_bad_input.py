@@ -12,9 +12,10 @@ import shutil
 
 import pytest
 
-from batchrun.core.job import JobConfig, run_job
-from batchrun.core.rows import InputError
-from batchrun.core.validate import validate_file
+from batchrun.core.errors import InputError
+from batchrun.core.job.config import JobConfig
+from batchrun.core.job.run import run_job
+from batchrun.core.job.validate import validate_file
 
 
 def write_jsonl(path, lines):

@@ -10,8 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batchrun.core.job import JobConfig, run_job
-from batchrun.core.rows import GENERATED_COLUMNS, Columns
+from batchrun.core.job.config import JobConfig
+from batchrun.core.job.rows import GENERATED_COLUMNS, Columns
+from batchrun.core.job.run import run_job
 
 from conftest import SAMPLE_JOBS
 

@@ -14,10 +14,11 @@ import time
 import pytest
 from transformers import LlamaConfig
 
-from batchrun.core.job import JobConfig, JobObserver, run_job
-from batchrun.core.journal import journal_path
-from batchrun.core.lock import output_lock
-from batchrun.core.report import errors_path, report_path
+from batchrun.core.job.config import JobConfig, JobObserver
+from batchrun.core.job.journal import journal_path
+from batchrun.core.job.lock import output_lock
+from batchrun.core.job.report import errors_path, report_path
+from batchrun.core.job.run import run_job
 
 from conftest import SAMPLE_JOBS, TINY_LLAMA, save_tiny_model
 from test_architectures import COMMON
@@ -138,7 +139,7 @@ def test_a_second_run_on_a_locked_output_exits_75(tmp_path):
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     out = tmp_path / "out.jsonl"
     script = (
-        "import time\nfrom pathlib import Path\nfrom batchrun.core.lock import output_lock\n"
+        "import time\nfrom pathlib import Path\nfrom batchrun.core.job.lock import output_lock\n"
         f"with output_lock(Path({str(out)!r})):\n    print('locked', flush=True)\n    time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -269,8 +270,8 @@ def test_sigkill_during_the_final_write(tmp_path):
 
 
 def test_a_full_disk_while_writing_keeps_the_journal_and_leaves_no_partial_output(tmp_path, monkeypatch):
-    from batchrun.core.io import jsonl
-    from batchrun.core.io.atomic import atomic_file
+    from batchrun.core.job.io import jsonl
+    from batchrun.core.job.io.atomic import atomic_file
 
     def disk_full(self, output, results, context):
         with atomic_file(output) as tmp:

@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchrun.core.config import EngineConfig
-from batchrun.core.engine import build_engine
-from batchrun.core.job import make_requests
-from batchrun.core.kv_cache import KVCacheSpec
-from batchrun.core.model_loader import load_model
+from batchrun.core.engine.config import EngineConfig
+from batchrun.core.engine.engine import build_engine
+from batchrun.core.job.requests import make_requests
+from batchrun.core.job.rows import Row
 from batchrun.core.params import SamplingParams
-from batchrun.core.plan import build_plan
-from batchrun.core.prompt_tokens import PromptTokens
-from batchrun.core.rows import Row
+from batchrun.core.planner.plan import build_plan
+from batchrun.core.planner.prompt_tokens import PromptTokens
+from batchrun.core.runner.kv_cache import KVCacheSpec
+from batchrun.core.runner.model_loader import load_model
 
 from conftest import reference_generate
 
@@ -142,7 +142,7 @@ def test_oracle_holds_through_preemption(loaded, workload, expected):
     largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
     num_blocks = spec.blocks_for(largest) + 6
     engine_kwargs = dict(token_budget=64, block_size=4, kv_cache_bytes=num_blocks * spec.bytes_per_block)
-    from batchrun.core import scheduler
+    from batchrun.core.sched import scheduler
 
     old = scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN
     scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN = 1, 0.1  # trust one short output: admit eagerly
@@ -176,7 +176,7 @@ def test_single_row_job(loaded, workload, expected):
 
 def test_oracle_holds_with_the_cascade_decode_kernel(loaded, workload, expected, monkeypatch):
     """Force every decode group through the shared-prefix (cascade) kernel and count its use."""
-    from batchrun.core import model_runner
+    from batchrun.core.runner import model_runner
     from batchrun.kernels import torch_ref
 
     calls = []

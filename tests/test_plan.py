@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchrun.core import prefix_tree
-from batchrun.core.lru_baseline import lru_computed_tokens
-from batchrun.core.plan import build_plan, first_level_groups
-from batchrun.core.prompt_tokens import PromptTokens
+from batchrun.core.planner import prefix_tree
+from batchrun.core.planner.lru_baseline import lru_computed_tokens
+from batchrun.core.planner.plan import build_plan, first_level_groups
+from batchrun.core.planner.prompt_tokens import PromptTokens
 
 
 def plan_of(prompts, block_size=1, decode=None, runnable=None, **kwargs):

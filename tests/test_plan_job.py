@@ -7,12 +7,13 @@ import shutil
 
 import pytest
 
-from batchrun.core import job
-from batchrun.core.config import EngineConfig
-from batchrun.core.job import JobConfig, run_job
-from batchrun.core.plan_io import save_plan
-from batchrun.core.plan_report import plan_job
-from batchrun.core.rows import InputError
+from batchrun.core.engine.config import EngineConfig
+from batchrun.core.errors import InputError
+from batchrun.core.job import prepare
+from batchrun.core.job.config import JobConfig
+from batchrun.core.job.plan_command import plan_job
+from batchrun.core.job.plan_file import save_plan
+from batchrun.core.job.run import run_job
 
 from conftest import SAMPLE_JOBS, TINY_LLAMA
 from test_cli import batchrun
@@ -127,8 +128,8 @@ class FailsOnBoom:
 
 
 def test_a_row_the_tokenizer_fails_on_is_marked_and_the_plan_goes_on(tmp_path, monkeypatch):
-    real = job.load_tokenizer  # `plan` tokenizes through the job's tokenize_for
-    monkeypatch.setattr(job, "load_tokenizer", lambda path: FailsOnBoom(real(path)))
+    real = prepare.load_tokenizer  # `plan` tokenizes through the job's tokenize_for
+    monkeypatch.setattr(prepare, "load_tokenizer", lambda path: FailsOnBoom(real(path)))
     src = tmp_path / "in.jsonl"
     rows = [{"prompt": "a shared preamble, then question one"}, {"prompt": "BOOM"}]
     rows += [{"prompt": "a shared preamble, then question two"}, {"prompt": "x " * 3000}]

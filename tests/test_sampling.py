@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from batchrun.core.config import EngineConfig
-from batchrun.core.engine import build_engine
-from batchrun.core.model_loader import load_model
+from batchrun.core.engine.config import EngineConfig
+from batchrun.core.engine.engine import build_engine
 from batchrun.core.params import SamplingParams
-from batchrun.core.request import Request
-from batchrun.core.sampler import make_generator
+from batchrun.core.runner.model_loader import load_model
+from batchrun.core.runner.sampler import make_generator
+from batchrun.core.sched.request import Request
 
 
 @pytest.fixture(scope="module")

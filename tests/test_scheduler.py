@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batchrun.core.kv_cache import BlockPool, KVCacheSpec, OutOfBlocks
 from batchrun.core.params import SamplingParams
-from batchrun.core.request import Request, SegmentRef
-from batchrun.core.scheduler import Scheduler
-from batchrun.core.shared_prefix import SharedPrefixes
+from batchrun.core.runner.kv_cache import BlockPool, KVCacheSpec, OutOfBlocks
+from batchrun.core.sched.request import Request, SegmentRef
+from batchrun.core.sched.scheduler import Scheduler
+from batchrun.core.sched.shared_prefix import SharedPrefixes
 
 SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, block_size=4)
 

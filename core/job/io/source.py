@@ -1,0 +1,49 @@
+"""The interface every prompt-file format implements."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from batchrun.core.job.rows import Columns, OutputShape, RowResult
+
+
+@dataclass(frozen=True)
+class OutputContext:
+    """Facts about the run the writers need: the generated columns' shape, and what some
+    formats record (OpenAI batch responses)."""
+
+    model_name: str
+    created: int  # unix time the job finished
+    shape: OutputShape = OutputShape()
+
+
+class PromptSource(ABC):
+    """A prompt file: streams its records, and writes them back with generated columns.
+
+    ``records`` yields ``(location, fields)``: ``location`` names the line or row for
+    messages, ``fields`` maps this source's ``columns`` names (and the sampling keys of
+    ``ROW_PARAM_KEYS``) to values. ``write`` streams the input a second time and merges the
+    results in, so neither direction holds the whole file in memory as Python objects.
+    """
+
+    format_name: ClassVar[str]
+    columns: Columns
+
+    def __init__(self, path: Path, columns: Columns) -> None:
+        self.path = path
+        self.columns = columns
+
+    @abstractmethod
+    def records(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
+
+    @abstractmethod
+    def write(self, output: Path, results: Sequence[RowResult], context: OutputContext) -> None:
+        """Write one output record per input record, in input order, atomically."""
+
+    def default_output(self) -> Path:
+        """``prompts.jsonl`` -> ``prompts.out.jsonl`` beside the input."""
+        return self.path.with_name(f"{self.path.stem}.out{self.path.suffix}")

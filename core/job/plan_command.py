@@ -1,0 +1,216 @@
+"""``batchrun plan``: plan a job without running it, and say what the plan would save.
+
+Needs the model's tokenizer and config only (no weights), so it runs in seconds on a
+laptop before GPU hours are spent. The report compares three costs of the same batch, in
+prompt tokens computed: no sharing at all; an LRU prefix cache of the same KV budget fed
+in file order (lru_baseline.py, an upper bound for vLLM/SGLang automatic prefix caching);
+and batchrun's plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoConfig
+
+from batchrun.core.job.io import open_source
+from batchrun.core.job.prepare import (
+    expected_output_tokens,
+    job_defaults,
+    read_rows,
+    runnable_mask,
+    tokenize_for,
+)
+from batchrun.core.job.rows import Columns
+from batchrun.core.planner.lru_baseline import lru_computed_tokens
+from batchrun.core.planner.plan import Plan, PlanSummary, build_plan
+from batchrun.core.runner.kv_budget import kv_cache_bytes
+from batchrun.core.runner.kv_cache import KVCacheSpec
+from batchrun.core.runner.model_loader import (
+    check_model_folder,
+    resolve_device,
+    resolve_dtype,
+)
+from batchrun.core.timing import PhaseTimer
+
+PREVIEW_CHARS = 60
+LISTED_ROWS = 5
+
+
+@dataclass(frozen=True)
+class SegmentView:
+    id: int
+    parent: int  # -1 at the top
+    depth: int
+    start: int
+    end: int
+    users: int
+    saved_tokens: int  # (users - 1) * tokens: what computing it once saves
+    preview: str  # the segment's own text, shortened
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class GroupView:
+    segment: int  # the segment heading the first-level group
+    prefix_tokens: int
+    rows: int
+
+
+@dataclass
+class PlanReport:
+    input: Path
+    model: str
+    summary: PlanSummary
+    lru_computed_tokens: int
+    kv_bytes_per_token: int
+    kv_budget_bytes: int
+    max_context: int
+    over_context_rows: list[str]  # messages of rows whose prompt + max_tokens exceed the context
+    over_context_count: int
+    invalid_rows: int  # other rows that cannot run (bad fields, tokenizer failures)
+    top_segments: list[SegmentView]
+    top_groups: list[GroupView]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def all_resident_kv_bytes(self) -> int:
+        """KV for every row at once with the plan's sharing, prompts plus expected outputs: the
+        most the job could use; the engine never exceeds the budget (it admits rows in turn)."""
+        s = self.summary
+        return (s.computed_tokens + s.expected_output_tokens) * self.kv_bytes_per_token
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.summary
+        return {
+            "input": str(self.input),
+            "model": self.model,
+            "rows": s.rows,
+            "runnable_rows": s.runnable_rows,
+            "prompt_tokens": s.prompt_tokens,
+            "computed_tokens": s.computed_tokens,
+            "saving": s.saving,
+            "no_sharing_computed_tokens": s.prompt_tokens,
+            "lru_computed_tokens": self.lru_computed_tokens,
+            "lru_saving": 1 - self.lru_computed_tokens / s.prompt_tokens if s.prompt_tokens else 0.0,
+            "shared_segments": s.shared_segments,
+            "shared_segment_tokens": s.shared_segment_tokens,
+            "groups": s.groups,
+            "block_size": s.block_size,
+            "expected_output_tokens": s.expected_output_tokens,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_budget_bytes": self.kv_budget_bytes,
+            "all_resident_kv_bytes": self.all_resident_kv_bytes,
+            "max_context": self.max_context,
+            "over_context_rows": self.over_context_count,
+            "invalid_rows": self.invalid_rows,
+            "segments": [asdict(seg) | {"tokens": seg.tokens} for seg in self.top_segments],
+            "groups_top": [asdict(group) for group in self.top_groups],
+            "seconds": self.seconds,
+        }
+
+
+def plan_job(
+    input: Path,
+    model: Path,
+    *,
+    columns: Columns = Columns(),
+    sampling: dict[str, Any] | None = None,
+    block_size: int = 16,
+    kv_memory: int | float | None = None,
+    top: int = 10,
+    device: str = "auto",
+) -> tuple[PlanReport, Plan]:
+    """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
+    timer = PhaseTimer()
+    lap, seconds = timer.lap, timer.seconds
+    check_model_folder(model)
+    source = open_source(input, columns)
+    rows = read_rows(source, job_defaults(model, sampling or {}))
+    lap("read")
+
+    tokenizer, prompts, max_context, overflowing = tokenize_for(model, rows)
+    over_context = [rows[i].error for i in overflowing]
+    lap("tokenize")
+
+    runnable = runnable_mask(rows)
+    plan = build_plan(prompts, runnable, expected_output_tokens(rows), block_size)
+    lap("plan")
+
+    torch_device = resolve_device(device)
+    spec = KVCacheSpec.from_config(
+        AutoConfig.from_pretrained(model, local_files_only=True),
+        resolve_dtype("auto", torch_device),
+        block_size,
+    )
+    budget = kv_budget(model, torch_device, kv_memory)
+    lru = lru_computed_tokens(plan.tree, prompts.lengths, runnable, budget // spec.bytes_per_block)
+    lap("lru baseline")
+
+    report = PlanReport(
+        input=input,
+        model=model.name,
+        summary=plan.summary,
+        lru_computed_tokens=lru,
+        kv_bytes_per_token=spec.bytes_per_token,
+        kv_budget_bytes=budget,
+        max_context=max_context,
+        over_context_rows=over_context[:LISTED_ROWS],
+        over_context_count=len(over_context),
+        invalid_rows=int((~runnable).sum()) - len(overflowing),
+        top_segments=top_segments(plan, prompts, tokenizer, top),
+        top_groups=top_groups(plan, top),
+        seconds=seconds,
+    )
+    return report, plan
+
+
+def kv_budget(model: Path, device: torch.device, kv_memory: int | float | None) -> int:
+    """The KV budget ``batchrun run`` would get; on a GPU the weights come out of free memory."""
+    budget = kv_cache_bytes(device, kv_memory)
+    if device.type == "cuda" and not isinstance(kv_memory, int):
+        weights = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        budget = max(budget - weights, 0)
+    return budget
+
+
+def top_segments(plan: Plan, prompts, tokenizer, top: int) -> list[SegmentView]:
+    tree = plan.tree
+    saved = (tree.users - 1) * tree.lengths
+    best = np.lexsort((np.arange(len(tree)), -saved))[:top]
+    views = []
+    for s in sorted(best.tolist()):  # ids ascending: parents before children
+        row_tokens = prompts[int(tree.first_row[s])]
+        text = tokenizer.decode(row_tokens[tree.start[s] : tree.end[s]].tolist())
+        views.append(
+            SegmentView(
+                id=s,
+                parent=int(tree.parent[s]),
+                depth=int(tree.depth[s]),
+                start=int(tree.start[s]),
+                end=int(tree.end[s]),
+                users=int(tree.users[s]),
+                saved_tokens=int(saved[s]),
+                preview=shorten(text),
+            )
+        )
+    return views
+
+
+def top_groups(plan: Plan, top: int) -> list[GroupView]:
+    group = plan.row_group()
+    heads, counts = np.unique(group[group >= 0], return_counts=True)
+    best = np.lexsort((heads, -counts))[:top]
+    return [GroupView(int(heads[i]), int(plan.tree.end[heads[i]]), int(counts[i])) for i in best.tolist()]
+
+
+def shorten(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= PREVIEW_CHARS else flat[: PREVIEW_CHARS - 1] + "…"

@@ -1,0 +1,164 @@
+"""Preparing a job, shared by ``run``, ``plan`` and ``validate``: where the output goes, rows
+read and checked, prompts tokenized and checked against the context, and the plan.
+
+Everything here runs before the model loads, so a bad job fails in seconds."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from batchrun.core.errors import InputError
+from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig
+from batchrun.core.job.io import PromptSource
+from batchrun.core.job.plan_file import load_plan
+from batchrun.core.job.rows import Row, parse_row
+from batchrun.core.job.tokenize import tokenize_rows
+from batchrun.core.params import SamplingParams
+from batchrun.core.planner.plan import Plan, build_plan
+from batchrun.core.planner.prompt_tokens import PromptTokens
+from batchrun.core.runner.model_loader import (
+    load_tokenizer,
+    max_context_of,
+    model_sampling_defaults,
+)
+from batchrun.core.runner.sampler import row_seed
+
+
+def output_path(config: JobConfig, source: PromptSource) -> Path:
+    if config.in_place:
+        if config.output is not None:
+            raise InputError("use either --in-place or --output, not both")
+        return config.input
+    return config.output or source.default_output()
+
+
+def check_writable(output: Path) -> None:
+    folder = output.parent
+    if not folder.is_dir():
+        raise InputError(f"output folder {folder} does not exist; create it or pass -o elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder {folder} is not writable; pass -o to a writable place")
+
+
+def read_rows(source: PromptSource, defaults: SamplingParams) -> list[Row]:
+    """Parse every record into a ``Row``; file-level problems raise ``InputError``."""
+    rows = [
+        parse_row(index, location, fields, source.columns, defaults)
+        for index, (location, fields) in enumerate(source.records())
+    ]
+    if not rows:
+        raise InputError(f"{source.path}: no rows; the file is empty")
+    check_unique_ids(source, rows)
+    return rows
+
+
+def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
+    first_seen: dict[str, Row] = {}
+    duplicates: list[str] = []
+    for row in rows:
+        if row.id in first_seen:
+            duplicates.append(f"id {row.id!r} at {row.location} (first at {first_seen[row.id].location})")
+        else:
+            first_seen[row.id] = row
+    if duplicates:
+        shown = "; ".join(duplicates[:MAX_LISTED_PROBLEMS])
+        more = (
+            f" and {len(duplicates) - MAX_LISTED_PROBLEMS} more"
+            if len(duplicates) > MAX_LISTED_PROBLEMS
+            else ""
+        )
+        raise InputError(
+            f"{source.path}: row ids must be unique ('{source.columns.id}' field): {shown}{more}"
+        )
+
+
+def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> list[int]:
+    """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context; return
+    their indices."""
+    marked = []
+    lengths = prompts.lengths.tolist()
+    for row, length in zip(rows, lengths, strict=True):
+        if row.error:
+            continue
+        if length + row.params.max_tokens > max_context:
+            row.error = (
+                f"{row.location}: prompt ({length} tokens) + max_tokens ({row.params.max_tokens}) "
+                f"exceeds the model's context of {max_context} tokens; shorten the prompt or lower max_tokens"
+            )
+            marked.append(row.index)
+    return marked
+
+
+def job_defaults(model: Path, sampling: dict[str, Any]) -> SamplingParams:
+    """Row defaults: the checkpoint's generation config, overridden by the job's options."""
+    return SamplingParams().with_overrides(model_sampling_defaults(model) | sampling)
+
+
+class TokenizedRows(NamedTuple):
+    tokenizer: PreTrainedTokenizerBase
+    prompts: PromptTokens
+    max_context: int
+    over_context: list[int]  # rows just marked for exceeding the context
+
+
+def tokenize_for(model: Path, rows: list[Row]) -> TokenizedRows:
+    """Tokenize ``rows`` with ``model``'s tokenizer and mark those that overflow its context
+    (as ``run``, ``plan`` and ``validate`` all do)."""
+    tokenizer = load_tokenizer(model)
+    prompts = tokenize_rows(rows, tokenizer)
+    max_context = max_context_of(model)
+    return TokenizedRows(tokenizer, prompts, max_context, check_context(rows, prompts, max_context))
+
+
+def runnable_mask(rows: list[Row]) -> np.ndarray:
+    return np.fromiter((row.error is None for row in rows), dtype=bool, count=len(rows))
+
+
+def expected_output_tokens(rows: list[Row]) -> np.ndarray:
+    """Each row's output-length estimate for the plan: its hint, else its ``max_tokens``."""
+
+    def estimate(row: Row) -> int:
+        if row.error:
+            return 0
+        return row.expected_tokens if row.expected_tokens is not None else row.params.max_tokens
+
+    return np.fromiter(map(estimate, rows), dtype=np.int64, count=len(rows))
+
+
+def make_plan(config: JobConfig, rows: list[Row], prompts: PromptTokens, skip: Collection[int] = ()) -> Plan:
+    """The job's plan: loaded from ``config.plan_file`` (checked against the input), or built.
+    Rows in ``skip`` (resumed from the journal) are left out."""
+    runnable = runnable_mask(rows)
+    if config.plan_file is not None:
+        plan = load_plan(config.plan_file, prompts, runnable, config.engine.block_size)
+        return plan.without(set(skip))
+    runnable[list(skip)] = False
+    return build_plan(
+        prompts,
+        runnable,
+        expected_output_tokens(rows),
+        config.engine.block_size,
+        sharing=config.prefix_sharing,
+        order=config.order,
+    )
+
+
+def refuse_invalid_rows(source: PromptSource, rows: list[Row]) -> None:
+    bad = [row.error for row in rows if row.error]
+    if bad:
+        listed = "\n  ".join(bad[:MAX_LISTED_PROBLEMS])
+        raise InputError(f"{source.path}: {len(bad)} invalid row(s) (--strict):\n  {listed}")
+
+
+def effective_seed(row: Row, job_seed: int) -> int:
+    return row.params.seed if row.params.seed is not None else row_seed(job_seed, row.id)
+
+
+def rows_by_id(rows: list[Row]) -> dict[str, int]:
+    return {row.id: row.index for row in rows}

@@ -1,0 +1,193 @@
+"""A whole job: read ▸ tokenize ▸ resume ▸ plan ▸ load ▸ generate ▸ write, in row order.
+
+Everything that can be checked without the model (file format, row fields, duplicate ids,
+an output location we can write, another run holding the output) is checked before the
+model loads, so a bad job fails in seconds, not after minutes of loading. Finished rows go
+to the journal as they complete; rows an earlier run journaled are not generated again.
+The core never prints: it reports to a ``JobObserver`` and returns a ``JobSummary``; the
+CLI renders both.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from batchrun.core.engine.engine import Completion, EngineStats, build_engine
+from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig, JobObserver, JobSummary
+from batchrun.core.job.io import OutputContext, PromptSource, open_source
+from batchrun.core.job.io.atomic import remove_stale_temporaries
+from batchrun.core.job.journal import Journal, journal_path, row_key
+from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
+from batchrun.core.job.prepare import (
+    check_writable,
+    effective_seed,
+    job_defaults,
+    make_plan,
+    output_path,
+    read_rows,
+    refuse_invalid_rows,
+    rows_by_id,
+    tokenize_for,
+)
+from batchrun.core.job.report import RunReport, write_errors
+from batchrun.core.job.requests import make_requests, most_kv_tokens
+from batchrun.core.job.results import output_shape, row_result
+from batchrun.core.job.rows import Row, RowResult
+from batchrun.core.planner.plan import Plan
+from batchrun.core.planner.prompt_tokens import PromptTokens
+from batchrun.core.runner.model_loader import (
+    LoadedModel,
+    check_model_folder,
+    load_model,
+    model_identity,
+)
+from batchrun.core.timing import PhaseTimer
+
+
+def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummary:
+    """Run a whole job; one run per output at a time (``OutputLocked`` otherwise)."""
+    observer = observer or JobObserver()
+    started = time.perf_counter()
+    observer.phase("reading")
+    check_model_folder(config.model)
+    source = open_source(config.input, config.columns)
+    output = output_path(config, source)
+    check_writable(output)
+    if is_locked(output):  # fail fast, before reading a large file; the lock below decides
+        raise OutputLocked(locked_message(output))
+    # A bad file fails here, having written nothing.
+    rows = read_rows(source, job_defaults(config.model, config.sampling))
+    if config.strict:
+        refuse_invalid_rows(source, rows)
+    with output_lock(output):
+        remove_stale_temporaries(output)
+        return _run_locked(config, observer, source, output, rows, time.perf_counter() - started)
+
+
+def _run_locked(
+    config: JobConfig,
+    observer: JobObserver,
+    source: PromptSource,
+    output: Path,
+    rows: list[Row],
+    read_s: float,
+) -> JobSummary:
+    timer = PhaseTimer({"read": read_s})
+    lap, seconds = timer.lap, timer.seconds
+    report = RunReport(output, config.input, config.model)
+
+    observer.phase("tokenizing")
+    tokenizer, prompts, _, _ = tokenize_for(config.model, rows)
+    lap("tokenize")
+
+    journal = Journal(journal_path(output))
+    if config.restart:
+        journal.discard()
+    identity = model_identity(config.model)
+    keys = {
+        row.id: row_key(prompts[row.index], row.params, effective_seed(row, config.seed), identity)
+        for row in rows
+        if not row.error
+    }
+    resumed, ignored = journal.read(keys)
+    if resumed or ignored:
+        observer.phase(
+            f"resuming: {len(resumed)} row(s) already done in {journal.path.name}"
+            + (f" ({ignored} stale or damaged line(s) ignored)" if ignored else "")
+        )
+
+    observer.phase("planning")
+    index_of = rows_by_id(rows)
+    plan = make_plan(config, rows, prompts, skip=[index_of[row_id] for row_id in resumed])
+    lap("plan")
+    report.started(rows=len(rows), resumed=len(resumed), plan=plan.summary, identity=identity)
+
+    try:
+        loaded = None
+        if len(plan.order):  # a run resumed with every row journaled needs no model
+            observer.phase("loading model")
+            loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+            report.device = str(loaded.device)
+        lap("load")
+
+        observer.phase("generating")
+        observer.started(len(rows))
+        results, stats = generate(config, loaded, rows, prompts, plan, observer, journal, keys, resumed)
+        lap("generate")
+
+        observer.phase("writing")
+        context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
+        source.write(output, results, context)
+        write_errors(output, rows, results)
+        lap("write")
+    except BaseException as exc:  # the journal keeps every finished row for the next run
+        journal.close()
+        report.failed(f"{type(exc).__name__}: {exc}", seconds)
+        raise
+
+    errors = [r.error for r in results if r.error]
+    summary = JobSummary(
+        input=config.input,
+        output=output,
+        rows=len(rows),
+        failed=len(errors),
+        resumed=len(resumed),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        output_tokens=sum(r.output_tokens for r in results),
+        seconds=seconds,
+        engine=stats,
+        plan=plan.summary,
+        errors=errors[:MAX_LISTED_PROBLEMS],
+    )
+    report.finished(summary)
+    journal.discard()  # the output now holds every row; the report says the job is done
+    return summary
+
+
+def generate(
+    config: JobConfig,
+    loaded: LoadedModel | None,
+    rows: list[Row],
+    prompts: PromptTokens,
+    plan: Plan,
+    observer: JobObserver,
+    journal: Journal | None = None,
+    keys: dict[str, str] | None = None,
+    resumed: dict[str, RowResult] | None = None,
+) -> tuple[list[RowResult], EngineStats | None]:
+    """Run every planned row through the engine; invalid rows get their error record and
+    journaled rows their journaled result. Each finished row is journaled at once."""
+    results: list[RowResult | None] = [None] * len(rows)
+    for row in rows:
+        if row.error:
+            results[row.index] = RowResult.failed(row.error)
+        elif resumed and row.id in resumed:
+            results[row.index] = resumed[row.id]
+        else:
+            continue
+        observer.row_finished(results[row.index])
+    requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
+    stats = None
+    if requests:
+        assert loaded is not None, "rows to generate but no model loaded"
+        engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
+        observer.engine_started(engine)
+        pending: dict[int, list[Completion]] = {}
+        for completion in engine.generate(requests):
+            index = completion.request_id
+            samples = pending.setdefault(index, [])
+            samples.append(completion)
+            if len(samples) < rows[index].params.n:
+                continue
+            result = results[index] = row_result(pending.pop(index), len(prompts[index]))
+            if journal is not None and keys is not None and result.error is None:
+                journal.append(rows[index].id, keys[rows[index].id], result)
+            observer.row_finished(result)
+        stats = engine.stats
+    if journal is not None:
+        journal.sync()
+    missing = [i for i, r in enumerate(results) if r is None]
+    if missing:
+        raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
+    return results, stats  # type: ignore[return-value]

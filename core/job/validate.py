@@ -1,0 +1,46 @@
+"""``batchrun validate``: check a prompt file (and optionally token lengths) without running."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from batchrun.core.job.io import open_source
+from batchrun.core.job.prepare import job_defaults, read_rows, tokenize_for
+from batchrun.core.job.rows import Columns
+from batchrun.core.params import SamplingParams
+from batchrun.core.runner.model_loader import (
+    check_model_folder,
+)
+
+
+@dataclass
+class ValidationReport:
+    path: Path
+    format_name: str
+    rows: int
+    problems: list[str] = field(default_factory=list)  # one per invalid row
+    token_lengths: list[int] = field(default_factory=list)  # prompt tokens of the valid rows
+    max_context: int | None = None
+
+
+def validate_file(
+    path: Path, columns: Columns = Columns(), model: Path | None = None, sampling: dict | None = None
+) -> ValidationReport:
+    """Read and check every row; with ``model``, also tokenize and check context lengths.
+
+    File-level problems raise ``InputError`` exactly as ``batchrun run`` would."""
+    if model is not None:
+        check_model_folder(model)
+        defaults = job_defaults(model, sampling or {})
+    else:
+        defaults = SamplingParams().with_overrides(sampling or {})
+    source = open_source(path, columns)
+    rows = read_rows(source, defaults)
+    report = ValidationReport(path, source.format_name, len(rows))
+    if model is not None:
+        _, prompts, report.max_context, _ = tokenize_for(model, rows)
+        lengths = prompts.lengths.tolist()
+        report.token_lengths = [n for row, n in zip(rows, lengths, strict=True) if not row.error]
+    report.problems = [row.error for row in rows if row.error]
+    return report
