@@ -170,9 +170,9 @@ def run_batchrun(
 def child(args: argparse.Namespace) -> None:
     """Run one system on one workload in this (fresh) process; print JSON."""
     torch.set_num_threads(args.threads)
-    from batchrun.core.runner.model_loader import load_tokenizer
+    from batchrun.core.checkpoint import open_checkpoint
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = open_checkpoint(args.model).tokenizer
     items = make_workload(args.workload, args.rows, args.max_tokens)
     prompts = [tokenizer(text)["input_ids"] for text, _ in items]
     limits = [m for _, m in items]

@@ -90,11 +90,11 @@ def peak_rss() -> int:
 
 def tokenization_throughput(num_rows: int = 20_000) -> tuple[float, float]:
     """Rows/s and tokens/s of batched fast tokenization with the bundled tokenizer."""
+    from batchrun.core.checkpoint import open_checkpoint
     from batchrun.core.job.rows import Row
     from batchrun.core.job.tokenize import tokenize_rows
-    from batchrun.core.runner.model_loader import load_tokenizer
 
-    tokenizer = load_tokenizer(REPO / "sample_jobs" / "models" / "tiny-llama")
+    tokenizer = open_checkpoint(REPO / "sample_jobs" / "models" / "tiny-llama").tokenizer
     words = "the harbour lighthouse was built from local granite and its lamp burned paraffin".split()
     rng = np.random.default_rng(0)
     rows = [

@@ -13,7 +13,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from batchrun.core.engine.engine import Engine
+from batchrun.core.engine.stats import EngineInfo, EngineStats
 from batchrun.core.job.config import JobObserver
 from batchrun.core.job.rows import RowResult
 
@@ -28,7 +28,8 @@ class ConsoleObserver(JobObserver):
         self.interactive = console.is_terminal and not json_lines
         self.progress: Progress | None = None
         self.task = None
-        self.engine: Engine | None = None
+        self.engine: EngineInfo | None = None
+        self.stats: EngineStats | None = None
         self.total = self.done = self.failed = self.output_tokens = 0
         self.start = self.last_log = time.monotonic()
 
@@ -56,8 +57,11 @@ class ConsoleObserver(JobObserver):
             self.progress.start()
             self.task = self.progress.add_task("rows", total=total_rows, rate="0", saving="-", kv="-")
 
-    def engine_started(self, engine: Engine) -> None:
-        self.engine = engine
+    def engine_started(self, info: EngineInfo) -> None:
+        self.engine = info
+
+    def step(self, stats: EngineStats) -> None:
+        self.stats = stats
 
     def row_finished(self, result: RowResult) -> None:
         self.done += 1
@@ -86,7 +90,7 @@ class ConsoleObserver(JobObserver):
     def facts(self) -> dict:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         remaining = self.total - self.done
-        engine = self.engine
+        engine, stats = self.engine, self.stats
         return {
             "rows_done": self.done,
             "rows_total": self.total,
@@ -94,9 +98,9 @@ class ConsoleObserver(JobObserver):
             "output_tokens": self.output_tokens,
             "output_tokens_per_s": self.output_tokens / elapsed,
             "eta_s": remaining * elapsed / self.done if self.done else None,
-            "saving": engine.stats.live_saving if engine else 0.0,
-            "kv_blocks_used": engine.pool.num_used if engine else 0,
-            "kv_blocks": engine.pool.num_blocks if engine else 0,
+            "saving": stats.live_saving if stats else 0.0,
+            "kv_blocks_used": stats.kv_blocks_used if stats else 0,
+            "kv_blocks": engine.num_blocks if engine else 0,
         }
 
     def close(self) -> None:

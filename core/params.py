@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -81,3 +82,9 @@ def check_number(name: str, value: Any, *, minimum: float) -> None:
         raise ParamError(f"{name} must be a number, got {value!r}")
     if value < minimum:
         raise ParamError(f"{name} must be >= {minimum}, got {value}")
+
+
+def row_seed(job_seed: int, row_id: str) -> int:
+    """A stable 63-bit seed for a row without its own ``seed``: from the job seed and row id."""
+    digest = hashlib.blake2b(f"{job_seed}\x00{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

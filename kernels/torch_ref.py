@@ -1,24 +1,174 @@
 """Reference paged attention in plain torch: always importable, runs on CPU.
 
-This is the oracle the Triton and flash-attn backends are tested against, and the backend
-batchrun uses on CPU: gather each sequence's blocks, then torch's fused scaled-dot-product
-attention (all decodes of a step in one call, prefill chunks one sequence at a time).
+This is the oracle the Triton and FlashAttention backends are tested against, and the
+backend batchrun uses on CPU. ``build`` plans the step once: the plan's decode groups
+whose shared prefix is worth reading once (cascade.py), one batched call for the other
+decodes, and each prefill chunk's blocks; every layer then gathers its keys through those
+index tensors and runs torch's fused scaled-dot-product attention.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from batchrun.kernels.backend import AttentionBackend, BackendCapabilities
 from batchrun.kernels.cascade import cascade_decode
 from batchrun.kernels.metadata import AttentionMetadata
+
+# Use the cascade kernel for a decode group when it spares at least this many prefix-token
+# reads ((members - 1) x prefix length); below it the per-group overhead costs more (CPU).
+CASCADE_MIN_SAVED_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Single-token queries of several sequences, attended in one call."""
+
+    rows: torch.Tensor  # (R,) query rows in the packed step
+    tables: torch.Tensor  # (R, W) block tables, W = blocks of the longest
+    kv_lens: torch.Tensor  # (R,) keys per sequence (the query sits at kv_len - 1)
+    positions: torch.Tensor  # (1, W * block_size) key positions
+
+
+@dataclass(frozen=True)
+class CascadeGroup:
+    """Decodes of one first-level group: its prefix blocks are read once for all of them."""
+
+    rows: torch.Tensor  # (R,)
+    tables: torch.Tensor  # (R, W); the first prefix_blocks columns are equal
+    kv_lens: torch.Tensor  # (R,)
+    prefix_blocks: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A sequence attended on its own: a prefill chunk, or a lone decode."""
+
+    start: int  # first query row
+    q_len: int
+    blocks: torch.Tensor  # (ceil(kv_len / block_size),) its blocks
+    kv_len: int
+
+
+@dataclass
+class TorchStepState:
+    slot_mapping: torch.Tensor  # (T,) int64
+    cascades: list[CascadeGroup]
+    decodes: DecodeBatch | None  # decodes outside the cascade groups
+    all_decodes: DecodeBatch | None  # every decode, for layers the cascade path cannot run
+    chunks: list[Chunk]  # the other sequences
+
+    def plain(self) -> tuple[DecodeBatch | None, list[Chunk]]:
+        """Decodes and chunks for a layer that soft-caps or slides (no cascade there): the
+        cascade groups' decodes join the batched ones."""
+        if self.all_decodes is None:
+            return self.decodes, self.chunks
+        return self.all_decodes, [c for c in self.chunks if c.q_len > 1]
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+    capabilities = BackendCapabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+        shared_prefix=True,
+    )
+
+    def __init__(self, cascade_min_saved_tokens: int = CASCADE_MIN_SAVED_TOKENS) -> None:
+        self.cascade_min_saved_tokens = cascade_min_saved_tokens
+
+    def build(self, meta: AttentionMetadata) -> TorchStepState:
+        device = meta.block_tables.device
+        groups = self._cascade_groups(meta)
+        in_cascade = {i for members in groups.values() for i in members}
+        decodes = [i for i, q in enumerate(meta.q_lens_host) if q == 1]
+        rest = [i for i in decodes if i not in in_cascade]
+        batched = set(rest) if len(rest) > 1 else set()
+        return TorchStepState(
+            slot_mapping=meta.slot_mapping,
+            cascades=[
+                self._cascade(meta, members, prefix_len, device)
+                for (_, prefix_len), members in groups.items()
+            ],
+            decodes=_decode_batch(meta, rest, device) if batched else None,
+            all_decodes=_decode_batch(meta, decodes, device) if in_cascade else None,
+            chunks=[_chunk(meta, i) for i in range(len(meta.q_lens_host)) if i not in in_cascade | batched],
+        )
+
+    def write_kv(self, state, key, value, k_cache, v_cache) -> None:
+        write_kv(key, value, k_cache, v_cache, state.slot_mapping)
+
+    def forward(self, state, query, k_cache, v_cache, scale, softcap=None, sliding_window=None):
+        out = torch.empty_like(query)
+        if softcap or sliding_window:  # the cascade path does neither
+            decodes, chunks = state.plain()
+        else:
+            decodes, chunks = state.decodes, state.chunks
+            for g in state.cascades:
+                out[g.rows] = cascade_decode(
+                    query[g.rows], k_cache, v_cache, g.tables, g.kv_lens, g.prefix_blocks, scale
+                )
+        if decodes is not None:
+            out[decodes.rows] = _attend_decodes(
+                query[decodes.rows], k_cache, v_cache, decodes, scale, softcap, sliding_window
+            )
+        for c in chunks:
+            k = k_cache[c.blocks].flatten(0, 1)[: c.kv_len]  # (L, Hkv, D)
+            v = v_cache[c.blocks].flatten(0, 1)[: c.kv_len]
+            q = query[c.start : c.start + c.q_len]  # (Q, Hq, D)
+            out[c.start : c.start + c.q_len] = attend(q, k, v, scale, softcap, sliding_window)
+        return out
+
+    def _cascade_groups(self, meta: AttentionMetadata) -> dict[tuple[int, int], list[int]]:
+        """Decoding sequences grouped by the prefix they share, where reading it once pays
+        (a call per group has a fixed cost; small groups go through the batched path)."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (q_len, key, prefix_len) in enumerate(
+            zip(meta.q_lens_host, meta.group_keys_host, meta.group_prefix_lens_host, strict=True)
+        ):
+            if q_len == 1 and key >= 0 and prefix_len >= meta.block_size:
+                groups.setdefault((key, prefix_len), []).append(i)
+        return {
+            g: members
+            for g, members in groups.items()
+            if (len(members) - 1) * g[1] >= self.cascade_min_saved_tokens
+        }
+
+    @staticmethod
+    def _cascade(meta, members, prefix_len, device) -> CascadeGroup:
+        batch = _decode_batch(meta, members, device)
+        return CascadeGroup(batch.rows, batch.tables, batch.kv_lens, prefix_len // meta.block_size)
+
+
+def _decode_batch(meta: AttentionMetadata, seqs: list[int], device) -> DecodeBatch:
+    kv_lens = [meta.seq_lens_host[i] for i in seqs]
+    width = -(-max(kv_lens) // meta.block_size)
+    return DecodeBatch(
+        rows=torch.tensor([meta.q_starts_host[i] for i in seqs], device=device),
+        tables=meta.block_tables[seqs, :width],
+        kv_lens=torch.tensor(kv_lens, device=device),
+        positions=torch.arange(width * meta.block_size, device=device)[None, :],
+    )
+
+
+def _chunk(meta: AttentionMetadata, i: int) -> Chunk:
+    kv_len = meta.seq_lens_host[i]
+    return Chunk(
+        meta.q_starts_host[i],
+        meta.q_lens_host[i],
+        meta.block_tables[i, : -(-kv_len // meta.block_size)],
+        kv_len,
+    )
 
 
 def write_kv(
     key: torch.Tensor,  # (T, Hkv, D)
     value: torch.Tensor,  # (T, Hkv, D)
-    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
-    v_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
+    k_cache: torch.Tensor,  # (num_blocks + 1, block_size, Hkv, D)
+    v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # (T,) int64
 ) -> None:
     """Store the step's new keys and values at their cache slots."""
@@ -26,70 +176,22 @@ def write_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-def paged_attention(
-    query: torch.Tensor,  # (T, Hq, D)
-    k_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
-    v_cache: torch.Tensor,  # (num_blocks, block_size, Hkv, D)
-    meta: AttentionMetadata,
-    scale: float,
-    softcap: float | None = None,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached keys; (T, Hq, D).
-
-    Decodes of a first-level group read their shared prefix once (cascade.py); other
-    single-token queries are gathered and attended in one batched call; longer chunks
-    (prefills) one sequence at a time."""
-    out = torch.empty_like(query)
-    block_size = k_cache.shape[1]
-    starts = meta.q_starts_host
-    done: set[int] = set()
-    if not softcap and not sliding_window:  # the cascade path does neither
-        for members, prefix_blocks in meta.decode_groups:
-            rows = torch.tensor([starts[i] for i in members], device=query.device)
-            kv_lens = torch.tensor([meta.seq_lens_host[i] for i in members], device=query.device)
-            tables = meta.block_tables[list(members)]
-            out[rows] = cascade_decode(query[rows], k_cache, v_cache, tables, kv_lens, prefix_blocks, scale)
-            done.update(members)
-    decodes = [i for i, q_len in enumerate(meta.q_lens_host) if q_len == 1 and i not in done]
-    if len(decodes) > 1:
-        rows = torch.tensor([starts[i] for i in decodes], device=query.device)
-        out[rows] = _decode_batch(
-            query[rows], k_cache, v_cache, meta, decodes, scale, softcap, sliding_window
-        )
-        done.update(decodes)
-    for i, (q_len, kv_len) in enumerate(zip(meta.q_lens_host, meta.seq_lens_host, strict=True)):
-        if i in done:
-            continue
-        blocks = meta.block_tables[i, : -(-kv_len // block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:kv_len]  # (L, Hkv, D)
-        v = v_cache[blocks].flatten(0, 1)[:kv_len]
-        q = query[starts[i] : starts[i] + q_len]  # (Q, Hq, D)
-        out[starts[i] : starts[i] + q_len] = attend(q, k, v, scale, softcap, sliding_window)
-    return out
-
-
-def _decode_batch(
+def _attend_decodes(
     q: torch.Tensor,  # (R, Hq, D): one query per sequence
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    seqs: list[int],  # which sequences of the step
+    batch: DecodeBatch,
     scale: float,
     softcap: float | None,
     sliding_window: int | None,
 ) -> torch.Tensor:
     """One query per sequence over its paged keys, all sequences at once; (R, Hq, D)."""
-    block_size = k_cache.shape[1]
-    kv_lens = torch.tensor([meta.seq_lens_host[i] for i in seqs], device=q.device)  # (R,)
-    width = -(-int(kv_lens.max()) // block_size)
-    tables = meta.block_tables[seqs, :width]  # (R, width)
-    k = k_cache[tables].flatten(1, 2)  # (R, L, Hkv, D), L = width * block_size
-    v = v_cache[tables].flatten(1, 2)
-    pos = torch.arange(k.shape[1], device=q.device)[None, :]  # (1, L)
-    visible = pos < kv_lens[:, None]  # (R, L); the query sits at position kv_len - 1
+    k = k_cache[batch.tables].flatten(1, 2)  # (R, L, Hkv, D), L = W * block_size
+    v = v_cache[batch.tables].flatten(1, 2)
+    kv_lens = batch.kv_lens[:, None]
+    visible = batch.positions < kv_lens  # (R, L); the query sits at position kv_len - 1
     if sliding_window:
-        visible &= pos > kv_lens[:, None] - 1 - sliding_window
+        visible &= batch.positions > kv_lens - 1 - sliding_window
     out = _attention(
         q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), visible[:, None, None], scale, softcap
     )

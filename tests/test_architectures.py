@@ -17,25 +17,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from batchrun.core.runner import model_runner
-from batchrun.core.runner.model_loader import SUPPORTED_MODEL_TYPES, load_model
+from batchrun.core.checkpoint import SUPPORTED_MODEL_TYPES
+from batchrun.core.runner.model_loader import load_model
 
-from conftest import reference_generate, save_tiny_model
-from test_oracle import run_engine
+from helpers import COMMON, reference_generate, run_engine, save_tiny_model
 
-COMMON = dict(
-    vocab_size=2048,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    eos_token_id=2,
-    pad_token_id=0,
-    bos_token_id=None,
-    initializer_range=0.1,
-)
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
@@ -54,10 +40,9 @@ def test_every_supported_type_is_tested():
 
 
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_architecture_matches_transformers_generate(model_type, tmp_path, monkeypatch):
+def test_architecture_matches_transformers_generate(model_type, tmp_path):
     """Through the plan: the two lighthouse prompts share their first blocks, and their
     decodes go through the cascade kernel (where the model allows it)."""
-    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
     path = save_tiny_model(CONFIGS[model_type](), tmp_path / model_type)
     loaded = load_model(path, device="cpu", dtype="float32")
     tok = loaded.tokenizer
@@ -69,6 +54,8 @@ def test_architecture_matches_transformers_generate(model_type, tmp_path, monkey
     prompts = [tok(t)["input_ids"] for t in texts]
     max_tokens = [12, 9, 14]
     expected = reference_generate(path, prompts, max_tokens)
-    got, engine = run_engine(loaded, prompts, max_tokens, block_size=4, token_budget=11)
+    got, engine = run_engine(
+        loaded, prompts, max_tokens, block_size=4, token_budget=11, cascade_min_saved_tokens=1
+    )
     assert got == expected
     assert engine.stats.cached_prompt_tokens > 0

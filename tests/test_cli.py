@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
-from conftest import SAMPLE_JOBS
-
-
-def batchrun(*args, cwd=None):
-    command = [sys.executable, "-m", "batchrun.cli.main", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+from helpers import SAMPLE_JOBS, batchrun
 
 
 def test_sample_job_runs_with_the_bundled_model(tmp_path):

@@ -14,7 +14,7 @@ from batchrun.core.job.config import JobConfig
 from batchrun.core.job.rows import GENERATED_COLUMNS, Columns
 from batchrun.core.job.run import run_job
 
-from conftest import SAMPLE_JOBS
+from helpers import SAMPLE_JOBS
 
 GENERATED = set(GENERATED_COLUMNS)
 

@@ -20,9 +20,7 @@ from batchrun.core.job.lock import output_lock
 from batchrun.core.job.report import errors_path, report_path
 from batchrun.core.job.run import run_job
 
-from conftest import SAMPLE_JOBS, TINY_LLAMA, save_tiny_model
-from test_architectures import COMMON
-from test_cli import batchrun
+from helpers import COMMON, SAMPLE_JOBS, TINY_LLAMA, batchrun, save_tiny_model
 
 
 class Crash(Exception):
@@ -212,9 +210,24 @@ def slow_job(tmp_path):
     return src, ["--max-tokens", "24", "--ignore-eos", "--token-budget", "8"]
 
 
-def spawn(*args, env=None):
-    command = [sys.executable, "-m", "batchrun.cli.main", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+def spawn(*args, patch=""):
+    """Start ``batchrun`` in a child process, after running ``patch`` (fault injection) there."""
+    code = f"import sys\n{patch}\nfrom batchrun.cli.main import main\nsys.argv[0] = 'batchrun'\nmain()"
+    command = [sys.executable, "-c", code, *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# Fault injection for the child: hold the rename of a file called {name} for a minute, so the
+# test can kill the run while the finished output sits in its temporary file.
+HOLD_RENAME = """
+import os, time
+real_replace = os.replace
+def held_replace(src, dst, *args, **kwargs):
+    if os.path.basename(dst) == {name!r}:
+        time.sleep(60)
+    return real_replace(src, dst, *args, **kwargs)
+os.replace = held_replace
+"""
 
 
 def wait_for(condition, timeout=120):
@@ -254,8 +267,7 @@ def test_sigkill_during_the_final_write(tmp_path):
     assert batchrun("run", src, "-o", tmp_path / "clean.jsonl", *flags).returncode == 0
     out = tmp_path / "out.jsonl"
     out.write_text("yesterday's output\n")
-    env = os.environ | {"BATCHRUN_TEST_HOLD_BEFORE_RENAME": "out.jsonl:60"}
-    run = spawn("run", src, "-o", out, *flags, env=env)
+    run = spawn("run", src, "-o", out, *flags, patch=HOLD_RENAME.format(name="out.jsonl"))
     wait_for(lambda: any(tmp_path.glob(".out.jsonl.tmp-*")))
     run.send_signal(signal.SIGKILL)
     run.wait()

@@ -16,8 +16,9 @@ from batchrun.core.planner.plan import build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
 from batchrun.core.runner.kv_cache import KVCacheSpec
 from batchrun.core.runner.model_loader import load_model
+from batchrun.core.sched.config import SchedulerConfig
 
-from conftest import reference_generate
+from helpers import reference_generate, run_engine
 
 SYSTEM = "You are a careful analyst. Answer from the document only, briefly."
 DOCS = ["The lighthouse was built in 1871 from granite.", "The bakery sells rye bread by nine."]
@@ -45,40 +46,6 @@ def workload(loaded):
 def expected(tiny_llama, workload):
     prompts, max_tokens = workload
     return reference_generate(tiny_llama, prompts, max_tokens)
-
-
-def run_engine(loaded, prompts, max_tokens, *, sharing=True, order="plan", n=1, seed=None, **engine_kwargs):
-    """Plan the prompts, run the plan's requests, check nothing leaked; tokens per row
-    (per sample with ``n > 1``)."""
-    config = EngineConfig(**engine_kwargs)
-    tokens = PromptTokens.from_lists(prompts)
-    plan = build_plan(
-        tokens,
-        np.ones(len(prompts), bool),
-        np.array(max_tokens),
-        config.block_size,
-        sharing=sharing,
-        order=order,
-    )
-    rows = [
-        Row(
-            i,
-            str(i),
-            f"row {i}",
-            params=SamplingParams(max_tokens=m, n=n, seed=seed, temperature=1.0 if seed else 0),
-        )
-        for i, m in enumerate(max_tokens)
-    ]
-    engine = build_engine(loaded, config)
-    done = {}
-    for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=sharing)):
-        done[c.request_id, c.sample_index] = c
-    assert engine.pool.num_free == engine.pool.num_blocks, "KV blocks leaked"
-    assert not engine.prefixes.segments and not engine.scheduler.running and not engine.scheduler.waiting
-    if engine.stats.preemptions == 0 and n == 1:  # the engine computes exactly what the plan said
-        assert engine.stats.prefill_tokens == plan.summary.computed_tokens
-    got = [[done[i, k].token_ids for k in range(n)] for i in range(len(prompts))]
-    return (got if n > 1 else [g[0] for g in got]), engine
 
 
 @pytest.mark.parametrize("token_budget", [5, 64, 4096])
@@ -128,8 +95,8 @@ def test_oracle_holds_when_kv_memory_forces_admission_rounds(
         reserve_full=reserve_full,
     )
     assert got == expected
-    assert engine.pool.num_blocks == num_blocks
-    assert engine.stats.peak_blocks <= engine.pool.num_blocks
+    assert engine.kv.pool.num_blocks == num_blocks
+    assert engine.stats.peak_blocks <= engine.kv.pool.num_blocks
     if reserve_full:
         assert engine.stats.preemptions == 0
 
@@ -141,15 +108,16 @@ def test_oracle_holds_through_preemption(loaded, workload, expected):
     spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=4)
     largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
     num_blocks = spec.blocks_for(largest) + 6
-    engine_kwargs = dict(token_budget=64, block_size=4, kv_cache_bytes=num_blocks * spec.bytes_per_block)
-    from batchrun.core.sched import scheduler
-
-    old = scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN
-    scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN = 1, 0.1  # trust one short output: admit eagerly
-    try:
-        got, engine = run_engine(loaded, prompts, max_tokens, **engine_kwargs)
-    finally:
-        scheduler.MIN_OBSERVED, scheduler.GROWTH_MARGIN = old
+    eager = SchedulerConfig(min_observed=1, growth_margin=0.1)  # trust one short output: admit eagerly
+    got, engine = run_engine(
+        loaded,
+        prompts,
+        max_tokens,
+        token_budget=64,
+        block_size=4,
+        kv_cache_bytes=num_blocks * spec.bytes_per_block,
+        scheduler=eager,
+    )
     assert got == expected
     assert engine.stats.preemptions > 0, "the test meant to force preemption"
 
@@ -176,15 +144,15 @@ def test_single_row_job(loaded, workload, expected):
 
 def test_oracle_holds_with_the_cascade_decode_kernel(loaded, workload, expected, monkeypatch):
     """Force every decode group through the shared-prefix (cascade) kernel and count its use."""
-    from batchrun.core.runner import model_runner
     from batchrun.kernels import torch_ref
 
     calls = []
     real = torch_ref.cascade_decode
-    monkeypatch.setattr(model_runner, "CASCADE_MIN_SAVED_TOKENS", 1)
     monkeypatch.setattr(torch_ref, "cascade_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompts, max_tokens = workload
-    got, _ = run_engine(loaded, prompts, max_tokens, token_budget=64, block_size=4)
+    got, _ = run_engine(
+        loaded, prompts, max_tokens, token_budget=64, block_size=4, cascade_min_saved_tokens=1
+    )
     assert got == expected
     assert calls, "no decode group went through the cascade kernel"
 
@@ -205,7 +173,7 @@ def test_a_request_that_can_never_fit_the_pool_gets_an_error_and_the_rest_run(lo
     rows = [
         Row(i, str(i), f"row {i}", params=SamplingParams(max_tokens=int(m))) for i, m in enumerate(limits)
     ]
-    done = {c.request_id: c for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0))}
+    done = {c.row: c for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0))}
     assert done[len(prompts)].finish_reason == "error" and "whole pool" in done[len(prompts)].error
     assert [done[i].token_ids for i in range(len(prompts))] == expected
-    assert engine.pool.num_free == engine.pool.num_blocks and not engine.prefixes.segments
+    assert engine.kv.num_free == engine.kv.pool.num_blocks and not engine.kv.prefixes.segments

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 
+from batchrun.core import checkpoint
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.errors import InputError
-from batchrun.core.job import prepare
 from batchrun.core.job.config import JobConfig
 from batchrun.core.job.plan_command import plan_job
 from batchrun.core.job.plan_file import save_plan
 from batchrun.core.job.run import run_job
 
-from conftest import SAMPLE_JOBS, TINY_LLAMA
-from test_cli import batchrun
+from helpers import SAMPLE_JOBS, TINY_LLAMA, batchrun
 
 
 def test_plan_json_on_the_sample(tmp_path):
@@ -128,8 +128,9 @@ class FailsOnBoom:
 
 
 def test_a_row_the_tokenizer_fails_on_is_marked_and_the_plan_goes_on(tmp_path, monkeypatch):
-    real = prepare.load_tokenizer  # `plan` tokenizes through the job's tokenize_for
-    monkeypatch.setattr(prepare, "load_tokenizer", lambda path: FailsOnBoom(real(path)))
+    real = checkpoint.AutoTokenizer.from_pretrained  # `plan` tokenizes with the checkpoint's tokenizer
+    patched = SimpleNamespace(from_pretrained=lambda path, **kw: FailsOnBoom(real(path, **kw)))
+    monkeypatch.setattr(checkpoint, "AutoTokenizer", patched)
     src = tmp_path / "in.jsonl"
     rows = [{"prompt": "a shared preamble, then question one"}, {"prompt": "BOOM"}]
     rows += [{"prompt": "a shared preamble, then question two"}, {"prompt": "x " * 3000}]

@@ -6,9 +6,9 @@ import pytest
 
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.engine import build_engine
+from batchrun.core.engine.stop import StopChecker
 from batchrun.core.params import SamplingParams
 from batchrun.core.runner.model_loader import load_model
-from batchrun.core.runner.sampler import make_generator
 from batchrun.core.sched.request import Request
 
 
@@ -19,8 +19,8 @@ def loaded(tiny_llama):
 
 def generate(loaded, prompts, params, **engine_kwargs):
     engine = build_engine(loaded, EngineConfig(**engine_kwargs))
-    requests = [Request(i, p, params[i], make_generator(100 + i)) for i, p in enumerate(prompts)]
-    return {c.request_id: c for c in engine.generate(requests)}
+    requests = [Request(i, p, params[i], seed=100 + i) for i, p in enumerate(prompts)]
+    return {c.row: c for c in engine.generate(requests)}
 
 
 def ids(loaded, *texts):
@@ -75,3 +75,24 @@ def test_eos_stops_unless_ignored(loaded):
     engine.stop_checker.eos_token_ids = frozenset({first})
     done = list(engine.generate([Request(0, prompt[0], SamplingParams(max_tokens=3, ignore_eos=True))]))
     assert done[0].finish_reason == "length" and len(done[0].token_ids) == 3
+
+
+def test_stop_strings_are_found_incrementally_and_the_text_decoded_once(loaded):
+    """A stop string split over several tokens is caught at the token that completes it,
+    with no full decode per token (O(L) per row): one decode, for the final text."""
+    text = "The ferry leaves at noon.\nSTOP here, then the text goes on and on"
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    checker = StopChecker(loaded.tokenizer, eos_token_ids=[])
+    decodes = []
+    real = checker.decode
+    checker.decode = lambda token_ids: decodes.append(len(token_ids)) or real(token_ids)
+    params = SamplingParams(max_tokens=len(ids), stop=("STOP", "never"))
+    state, output, verdict = checker.new_state(), [], None
+    for token in ids:
+        output.append(token)
+        verdict = checker.check(params, output, state)
+        if verdict is not None:
+            break
+    assert verdict == ("stop", "The ferry leaves at noon.\n")
+    assert real(output).endswith("STOP") and len(output) < len(ids)
+    assert decodes == [len(output)]

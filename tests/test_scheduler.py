@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
-import torch
 
 from batchrun.core.params import SamplingParams
-from batchrun.core.runner.kv_cache import BlockPool, KVCacheSpec, OutOfBlocks
+from batchrun.core.sched.block_pool import BlockPool, OutOfBlocks
+from batchrun.core.sched.config import SchedulerConfig
+from batchrun.core.sched.kv_manager import KVManager
 from batchrun.core.sched.request import Request, SegmentRef
 from batchrun.core.sched.scheduler import Scheduler
-from batchrun.core.sched.shared_prefix import SharedPrefixes
 
-SPEC = KVCacheSpec(num_layers=1, num_kv_heads=1, head_dim=4, dtype=torch.float32, block_size=4)
+BLOCK_SIZE = 4
+
+
+def scheduler(pool: BlockPool, token_budget: int, reserve_full: bool = False) -> Scheduler:
+    return Scheduler(KVManager(pool, BLOCK_SIZE), SchedulerConfig(token_budget, reserve_full))
 
 
 def test_pool_hands_out_lowest_ids_and_reuses_freed_ones_last():
@@ -44,32 +50,33 @@ def complete(sched, step):
     sched.computed(step)
     for chunk in step.chunks:
         if chunk.samples:
-            chunk.request.output_ids.append(0)
+            sched.requests[chunk.req_id].output_ids.append(0)
 
 
-def chunks(step):
-    return [(c.request.request_id, c.num_tokens) for c in step.chunks]
+def rows(sched, step, *fields):
+    """Each chunk as (row, num_tokens[, samples])."""
+    return [(sched.requests[c.req_id].row, *(getattr(c, f) for f in fields)) for c in step.chunks]
 
 
 def test_prefill_is_chunked_to_the_token_budget_and_decodes_go_first():
     pool = BlockPool(11)
-    sched = Scheduler(pool, SPEC, token_budget=6)
+    sched = scheduler(pool, token_budget=6)
     a, b = request(0, 9, 2), request(1, 3, 2)
     sched.add(a)
     sched.add(b)
     step = sched.schedule()  # a: 6 of 9 prompt tokens; budget spent, b waits
-    assert [(c.request.request_id, c.num_tokens, c.samples) for c in step.chunks] == [(0, 6, False)]
+    assert rows(sched, step, "num_tokens", "samples") == [(0, 6, False)]
     assert a.block_ids == [0, 1]
     complete(sched, step)
     step = sched.schedule()  # a finishes its prompt (3), b is admitted with the rest (3)
-    assert [(c.request.request_id, c.num_tokens, c.samples) for c in step.chunks] == [
+    assert rows(sched, step, "num_tokens", "samples") == [
         (0, 3, True),
         (1, 3, True),
     ]
     assert a.block_ids == [0, 1, 2] and b.block_ids == [3]
     complete(sched, step)
     step = sched.schedule()  # both decode: one token each
-    assert [(c.request.request_id, c.num_tokens) for c in step.chunks] == [(0, 1), (1, 1)]
+    assert rows(sched, step, "num_tokens") == [(0, 1), (1, 1)]
     assert a.block_ids == [0, 1, 2] and b.block_ids == [3]  # positions 9 and 3 fit open blocks
     complete(sched, step)
     sched.schedule()
@@ -78,7 +85,7 @@ def test_prefill_is_chunked_to_the_token_budget_and_decodes_go_first():
 
 def test_full_reservation_limits_admission_by_memory_not_by_count():
     pool = BlockPool(5)
-    sched = Scheduler(pool, SPEC, token_budget=100, reserve_full=True)
+    sched = scheduler(pool, token_budget=100, reserve_full=True)
     reqs = [request(i, 4, 4) for i in range(3)]  # each may need 2 blocks
     for r in reqs:
         sched.add(r)
@@ -97,13 +104,10 @@ def shared(i, prompt, segments, max_tokens=4):
 
 def sharing_scheduler(num_blocks, requests, budget=100):
     pool = BlockPool(num_blocks)
-    prefixes = SharedPrefixes(pool)
-    sched = Scheduler(pool, SPEC, token_budget=budget, prefixes=prefixes)
+    sched = scheduler(pool, token_budget=budget)
     for r in requests:
-        for ref in r.segments:
-            prefixes.register(*ref)
         sched.add(r)
-    return pool, prefixes, sched
+    return pool, sched.kv.prefixes, sched
 
 
 def test_a_shared_segment_is_computed_once_and_freed_by_its_last_user():
@@ -113,13 +117,13 @@ def test_a_shared_segment_is_computed_once_and_freed_by_its_last_user():
     step = sched.schedule()
     # The first user writes the segment (blocks 0, 1) and its own tail (block 2); the others
     # wait for the segment instead of computing it again.
-    assert chunks(step) == [(0, 10)]
+    assert rows(sched, step, "num_tokens") == [(0, 10)]
     assert reqs[0].block_ids == [0, 1, 2] and prefixes.segments[0].block_ids == [0, 1]
     assert [pool.refcount(b) for b in (0, 1, 2)] == [2, 2, 1]  # segment + writer; writer alone
     complete(sched, step)
     assert prefixes.segments[0].complete
     step = sched.schedule()  # the writer decodes; the others attach and compute only their tail
-    assert chunks(step) == [(0, 1), (1, 2), (2, 2)]
+    assert rows(sched, step, "num_tokens") == [(0, 1), (1, 2), (2, 2)]
     assert reqs[1].block_ids == [0, 1, 3] and reqs[2].block_ids == [0, 1, 4]
     assert reqs[1].cached_tokens == reqs[2].cached_tokens == 8 and reqs[0].cached_tokens == 0
     assert [pool.refcount(b) for b in (0, 1)] == [4, 4]
@@ -140,12 +144,12 @@ def test_nested_segments_and_a_writer_handing_over_after_preemption():
     b2 = shared(3, [1] * 4 + [3] * 4 + [5, 7], (system, doc_b))
     pool, prefixes, sched = sharing_scheduler(16, [a1, a2, b1, b2], budget=6)
     step = sched.schedule()  # a1 writes system and half of doc_a; a2 waits for doc_a
-    assert chunks(step) == [(0, 6)] and a1.block_ids == [0, 1]
+    assert rows(sched, step, "num_tokens") == [(0, 6)] and a1.block_ids == [0, 1]
     complete(sched, step)
     assert prefixes.segments[0].complete and not prefixes.segments[1].complete
     # b1 may start now: system is complete; it writes doc_b while a1 finishes doc_a.
     step = sched.schedule()
-    assert chunks(step) == [(0, 4), (2, 2)]
+    assert rows(sched, step, "num_tokens") == [(0, 4), (2, 2)]
     assert a1.block_ids == [0, 1, 2] and b1.block_ids == [0, 3]
     complete(sched, step)
     assert prefixes.segments[2].computed == 6  # doc_b half written
@@ -156,20 +160,20 @@ def test_nested_segments_and_a_writer_handing_over_after_preemption():
     step = sched.schedule()
     # a1 decodes; b1 comes back first, re-attaches to doc_b's block 3 and writes only the rest;
     # a2 attaches to the now complete doc_a and starts its tail.
-    assert chunks(step) == [(0, 1), (2, 4), (1, 1)]
+    assert rows(sched, step, "num_tokens") == [(0, 1), (2, 4), (1, 1)]
     assert b1.block_ids == [0, 3, 4] and b1.cached_tokens == 6
     assert a2.block_ids == [0, 1, 5] and a2.cached_tokens == 8
 
 
 def test_preemption_frees_the_newest_request_and_keeps_outputs():
     pool = BlockPool(4)
-    sched = Scheduler(pool, SPEC, token_budget=100)
+    sched = scheduler(pool, token_budget=100)
     sched._finished_count, sched._finished_outputs = 100, 100  # outputs so far: 1 token each
     a, b = request(0, 4, 8), request(1, 4, 8)
     sched.add(a)
     sched.add(b)
     step = sched.schedule()  # both admitted: each is expected to need 2 blocks
-    assert chunks(step) == [(0, 4), (1, 4)] and a.block_ids == [0] and b.block_ids == [1]
+    assert rows(sched, step, "num_tokens") == [(0, 4), (1, 4)] and a.block_ids == [0] and b.block_ids == [1]
     complete(sched, step)
     for _ in range(4):  # decodes fill blocks 2 and 3 ...
         step = sched.schedule()
@@ -185,12 +189,58 @@ def test_preemption_frees_the_newest_request_and_keeps_outputs():
     assert a.block_ids == [0, 2, 1] and pool.num_used == 3
     sched.finish(a)
     step = sched.schedule()  # b recomputes its prompt and the tokens it had sampled
-    assert chunks(step) == [(1, 9)] and b.block_ids == [3, 0, 2]  # freed ids are reused last
+    assert rows(sched, step, "num_tokens") == [(1, 9)] and b.block_ids == [
+        3,
+        0,
+        2,
+    ]  # freed ids are reused last
 
 
 def test_a_request_that_can_never_fit_is_refused():
-    sched = Scheduler(BlockPool(2), SPEC, token_budget=100)
+    sched = scheduler(BlockPool(2), token_budget=100)
     big = request(0, 8, 1)
     assert not sched.can_ever_fit(big)
     with pytest.raises(ValueError):
         sched.add(big)
+
+
+def test_the_step_message_sends_a_request_once_then_only_what_changed():
+    """The runner sees messages, never requests: a request in full when admitted (and again
+    after a preemption), then per step its token count and new blocks; finished and
+    preempted ids before the step that follows. The message pickles (another process)."""
+    pool = BlockPool(4)
+    sched = scheduler(pool, token_budget=100)
+    sched._finished_count, sched._finished_outputs = 100, 100  # expect 1-token outputs: admit both
+    a, b = request(0, 4, 8), request(1, 4, 8)
+    sched.add(a)
+    sched.add(b)
+    step = sched.schedule()
+    assert [n.req_id for n in step.new_requests] == [a.req_id, b.req_id]
+    assert step.new_requests[0].block_ids == (0,) and step.new_requests[0].token_ids.tolist() == [0, 1, 2, 3]
+    assert step.new_block_ids == {} and step.finished_req_ids == step.preempted_req_ids == ()
+    complete(sched, step)
+    step = sched.schedule()  # both decode at position 4: each opens a block
+    assert step.new_requests == () and step.new_block_ids == {a.req_id: (2,), b.req_id: (3,)}
+    assert pickle.loads(pickle.dumps(step)) == step
+    complete(sched, step)
+    for _ in range(7):  # a needs a third block at position 8: b is preempted
+        step = sched.schedule()
+        complete(sched, step)
+        if step.preempted_req_ids:
+            break
+    assert step.preempted_req_ids == (b.req_id,) and b.req_id not in step.new_block_ids
+    sched.finish(a)
+    step = sched.schedule()  # b comes back in full, its sampled tokens included
+    assert step.finished_req_ids == (a.req_id,)
+    (back,) = step.new_requests
+    assert back.req_id == b.req_id and len(back.token_ids) == 4 + len(b.output_ids)
+    assert back.block_ids == tuple(b.block_ids) and back.num_computed_tokens == 0
+
+
+def test_allocate_slots_gives_nothing_when_the_pool_is_short():
+    kv = KVManager(BlockPool(2), BLOCK_SIZE)
+    r = request(0, 12, 1)
+    kv.register(r)
+    kv.start(r, 0)
+    assert kv.allocate_slots(r, 12) is None and r.block_ids == [] and kv.num_free == 2
+    assert kv.allocate_slots(r, 8) == [0, 1] and kv.num_free == 0

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+from batchrun.core.sched.config import SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -10,10 +12,14 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     token_budget: int = 2048  # max tokens (decodes + prefill chunks) packed into one step
     # KV cache size: bytes (int), a fraction of free memory (float in (0, 1]), or None for
-    # the default share (see kv_budget.py).
+    # the default share (see runner/kv_budget.py).
     kv_cache_bytes: int | float | None = None
     attention_backend: str = "torch"
     reserve_full: bool = False  # reserve every request's whole max_tokens at admission (no preemption)
+    # Admission policy knobs (the token budget and reservation above override its own).
+    scheduler: SchedulerConfig = SchedulerConfig()
+    # Torch backend: read a decode group's prefix once when that spares this many reads.
+    cascade_min_saved_tokens: int = 2048
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -23,3 +29,6 @@ class EngineConfig:
         kv = self.kv_cache_bytes
         if kv is not None and (kv <= 0 or (isinstance(kv, float) and kv > 1)):
             raise ValueError(f"KV cache memory must be bytes > 0 or a fraction in (0, 1], got {kv}")
+
+    def scheduler_config(self) -> SchedulerConfig:
+        return replace(self.scheduler, token_budget=self.token_budget, reserve_full=self.reserve_full)

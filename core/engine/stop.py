@@ -1,18 +1,46 @@
-"""When a request is done: EOS, a stop string, or ``max_tokens``; and its final text."""
+"""When a request is done (EOS, a stop string, ``max_tokens``) and its final text.
+
+Stop strings are checked incrementally: each new token is decoded on its own by the
+tokenizer's streaming decoder (``tokenizers.decoders.DecodeStream``, which holds back
+bytes of a character split across tokens), and only the new characters plus the longest
+stop string's length of older text are searched. A row of L tokens costs O(L) in total,
+not O(L²). The final text is decoded once, from all the output tokens, when the request
+finishes, so it is exactly ``tokenizer.decode(output_ids)`` cut before the first stop.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import NamedTuple
 
+from tokenizers.decoders import DecodeStream
 from transformers import PreTrainedTokenizerBase
 
-from batchrun.core.sched.request import Request
+from batchrun.core.params import SamplingParams
 
 
 class Verdict(NamedTuple):
     reason: str  # "stop" | "length"
     text: str
+
+
+class StopState:
+    """One request's decoded text so far, for the stop-string search."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
+        self._tokenizer = tokenizer
+        self.text = ""
+
+    def advance(self, output_ids: list[int]) -> int:
+        """Decode the newest token of ``output_ids``; return how many characters it added."""
+        before = len(self.text)
+        if self._stream is not None:
+            self.text += self._stream.step(self._backend, output_ids[-1]) or ""
+        else:  # a tokenizer without a streaming decoder: decode everything again
+            self.text = self._tokenizer.decode(output_ids, skip_special_tokens=True)
+        return len(self.text) - before
 
 
 class StopChecker:
@@ -23,25 +51,32 @@ class StopChecker:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def check(self, request: Request) -> Verdict | None:
-        """Return the verdict if ``request``'s latest token finishes it, else None."""
-        params = request.params
-        output = request.output_ids
+    def new_state(self) -> StopState:
+        return StopState(self.tokenizer)
+
+    def check(self, params: SamplingParams, output: list[int], state: StopState | None) -> Verdict | None:
+        """The verdict if the latest token of ``output`` finishes the request, else None.
+        ``state`` (one per request, advanced here) is needed when ``params.stop`` is set."""
         if not params.ignore_eos and output[-1] in self.eos_token_ids:
             return Verdict("stop", self.decode(output[:-1]))
-        if params.stop:
-            text = self.decode(output)
-            cut = _earliest_stop(text, params.stop)
-            if cut is not None:
-                return Verdict("stop", text[:cut])
-            if len(output) >= params.max_tokens:
-                return Verdict("length", text)
-            return None
+        if params.stop and state is not None:
+            added = state.advance(output)
+            longest = max(map(len, params.stop))
+            window = max(0, len(state.text) - added - longest + 1)
+            if added and _earliest_stop(state.text, params.stop, window) is not None:
+                text = self.decode(output)
+                cut = _earliest_stop(text, params.stop, 0)
+                return Verdict("stop", text[:cut] if cut is not None else state.text)
         if len(output) >= params.max_tokens:
-            return Verdict("length", self.decode(output))
+            return self._length(params, output)
         return None
 
+    def _length(self, params: SamplingParams, output: list[int]) -> Verdict:
+        text = self.decode(output)
+        cut = _earliest_stop(text, params.stop, 0) if params.stop else None
+        return Verdict("stop", text[:cut]) if cut is not None else Verdict("length", text)
 
-def _earliest_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+
+def _earliest_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
     return min(hits) if hits else None

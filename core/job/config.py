@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from batchrun.core.engine.config import EngineConfig
-from batchrun.core.engine.engine import Engine, EngineStats
+from batchrun.core.engine.stats import EngineInfo, EngineStats
 from batchrun.core.job.rows import Columns, RowResult
 from batchrun.core.planner.plan import ORDER_PLAN, PlanSummary
 
@@ -43,7 +43,10 @@ class JobObserver:
 
     def row_finished(self, result: RowResult) -> None: ...
 
-    def engine_started(self, engine: Engine) -> None: ...
+    def engine_started(self, info: EngineInfo) -> None: ...
+
+    def step(self, stats: EngineStats) -> None:
+        """After every engine step, with the running counts (prefill/decode tokens, KV use)."""
 
 
 @dataclass

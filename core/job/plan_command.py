@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig
 
+from batchrun.core.checkpoint import open_checkpoint
 from batchrun.core.job.io import open_source
 from batchrun.core.job.prepare import (
     expected_output_tokens,
@@ -30,11 +30,7 @@ from batchrun.core.planner.lru_baseline import lru_computed_tokens
 from batchrun.core.planner.plan import Plan, PlanSummary, build_plan
 from batchrun.core.runner.kv_budget import kv_cache_bytes
 from batchrun.core.runner.kv_cache import KVCacheSpec
-from batchrun.core.runner.model_loader import (
-    check_model_folder,
-    resolve_device,
-    resolve_dtype,
-)
+from batchrun.core.runner.model_loader import resolve_device, resolve_dtype
 from batchrun.core.timing import PhaseTimer
 
 PREVIEW_CHARS = 60
@@ -131,12 +127,12 @@ def plan_job(
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
     timer = PhaseTimer()
     lap, seconds = timer.lap, timer.seconds
-    check_model_folder(model)
+    checkpoint = open_checkpoint(model, need_weights=False)
     source = open_source(input, columns)
-    rows = read_rows(source, job_defaults(model, sampling or {}))
+    rows = read_rows(source, job_defaults(checkpoint, sampling or {}))
     lap("read")
 
-    tokenizer, prompts, max_context, overflowing = tokenize_for(model, rows)
+    tokenizer, prompts, max_context, overflowing = tokenize_for(checkpoint, rows)
     over_context = [rows[i].error for i in overflowing]
     lap("tokenize")
 
@@ -145,11 +141,7 @@ def plan_job(
     lap("plan")
 
     torch_device = resolve_device(device)
-    spec = KVCacheSpec.from_config(
-        AutoConfig.from_pretrained(model, local_files_only=True),
-        resolve_dtype("auto", torch_device),
-        block_size,
-    )
+    spec = KVCacheSpec.from_config(checkpoint.config, resolve_dtype("auto", torch_device), block_size)
     budget = kv_budget(model, torch_device, kv_memory)
     lru = lru_computed_tokens(plan.tree, prompts.lengths, runnable, budget // spec.bytes_per_block)
     lap("lru baseline")

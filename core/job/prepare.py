@@ -13,21 +13,16 @@ from typing import Any, NamedTuple
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from batchrun.core.checkpoint import Checkpoint
 from batchrun.core.errors import InputError
 from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig
 from batchrun.core.job.io import PromptSource
 from batchrun.core.job.plan_file import load_plan
 from batchrun.core.job.rows import Row, parse_row
 from batchrun.core.job.tokenize import tokenize_rows
-from batchrun.core.params import SamplingParams
+from batchrun.core.params import SamplingParams, row_seed
 from batchrun.core.planner.plan import Plan, build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
-from batchrun.core.runner.model_loader import (
-    load_tokenizer,
-    max_context_of,
-    model_sampling_defaults,
-)
-from batchrun.core.runner.sampler import row_seed
 
 
 def output_path(config: JobConfig, source: PromptSource) -> Path:
@@ -95,9 +90,9 @@ def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> l
     return marked
 
 
-def job_defaults(model: Path, sampling: dict[str, Any]) -> SamplingParams:
+def job_defaults(checkpoint: Checkpoint, sampling: dict[str, Any]) -> SamplingParams:
     """Row defaults: the checkpoint's generation config, overridden by the job's options."""
-    return SamplingParams().with_overrides(model_sampling_defaults(model) | sampling)
+    return SamplingParams().with_overrides(checkpoint.sampling_defaults | sampling)
 
 
 class TokenizedRows(NamedTuple):
@@ -107,12 +102,19 @@ class TokenizedRows(NamedTuple):
     over_context: list[int]  # rows just marked for exceeding the context
 
 
-def tokenize_for(model: Path, rows: list[Row]) -> TokenizedRows:
-    """Tokenize ``rows`` with ``model``'s tokenizer and mark those that overflow its context
-    (as ``run``, ``plan`` and ``validate`` all do)."""
-    tokenizer = load_tokenizer(model)
+def tokenize_for(checkpoint: Checkpoint, rows: list[Row]) -> TokenizedRows:
+    """Tokenize ``rows`` with the checkpoint's tokenizer and mark those that overflow its
+    context (as ``run``, ``plan`` and ``validate`` all do). Chat rows for a model without a
+    chat template are a model-level error, raised before any row is tokenized."""
+    tokenizer, max_context = checkpoint.tokenizer, checkpoint.max_context
+    if not tokenizer.chat_template:
+        chat = next((row for row in rows if row.messages is not None and not row.error), None)
+        if chat is not None:
+            raise InputError(
+                f"{checkpoint.path}: the tokenizer has no chat template, but {chat.location} "
+                "(and maybe others) is a chat; pass --chat-template FILE, or send 'prompt' rows"
+            )
     prompts = tokenize_rows(rows, tokenizer)
-    max_context = max_context_of(model)
     return TokenizedRows(tokenizer, prompts, max_context, check_context(rows, prompts, max_context))
 
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 
 from batchrun.core.job.prepare import effective_seed
 from batchrun.core.job.rows import Row
+from batchrun.core.params import row_seed
 from batchrun.core.planner.plan import Plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
-from batchrun.core.runner.sampler import make_generator, row_seed
 from batchrun.core.sched.request import Request, SegmentRef
 
 
@@ -41,12 +41,11 @@ def make_requests(
         seed = effective_seed(row, job_seed)
         for k in range(params.n):
             sample_seed = seed if k == 0 else row_seed(seed, f"sample {k}")
-            generator = None if params.greedy else make_generator(sample_seed)
             yield Request(
                 row.index,
                 prompt,
                 params,
-                generator,
+                None if params.greedy else sample_seed,
                 sample_index=k,
                 segments=segments,
                 expected_output=row.expected_tokens,

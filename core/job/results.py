@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from batchrun.core.engine.engine import Completion
+from batchrun.core.engine.stats import Completion
 from batchrun.core.job.rows import OutputShape, Row, RowResult
 
 

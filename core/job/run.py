@@ -13,7 +13,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from batchrun.core.engine.engine import Completion, EngineStats, build_engine
+from batchrun.core.checkpoint import Checkpoint, open_checkpoint
+from batchrun.core.engine.engine import build_engine
+from batchrun.core.engine.stats import Completion, EngineStats
 from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig, JobObserver, JobSummary
 from batchrun.core.job.io import OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
@@ -36,12 +38,7 @@ from batchrun.core.job.results import output_shape, row_result
 from batchrun.core.job.rows import Row, RowResult
 from batchrun.core.planner.plan import Plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
-from batchrun.core.runner.model_loader import (
-    LoadedModel,
-    check_model_folder,
-    load_model,
-    model_identity,
-)
+from batchrun.core.runner.model_loader import LoadedModel, load_model
 from batchrun.core.timing import PhaseTimer
 
 
@@ -50,24 +47,25 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     observer = observer or JobObserver()
     started = time.perf_counter()
     observer.phase("reading")
-    check_model_folder(config.model)
+    checkpoint = open_checkpoint(config.model)
     source = open_source(config.input, config.columns)
     output = output_path(config, source)
     check_writable(output)
     if is_locked(output):  # fail fast, before reading a large file; the lock below decides
         raise OutputLocked(locked_message(output))
     # A bad file fails here, having written nothing.
-    rows = read_rows(source, job_defaults(config.model, config.sampling))
+    rows = read_rows(source, job_defaults(checkpoint, config.sampling))
     if config.strict:
         refuse_invalid_rows(source, rows)
     with output_lock(output):
         remove_stale_temporaries(output)
-        return _run_locked(config, observer, source, output, rows, time.perf_counter() - started)
+        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
 
 
 def _run_locked(
     config: JobConfig,
     observer: JobObserver,
+    checkpoint: Checkpoint,
     source: PromptSource,
     output: Path,
     rows: list[Row],
@@ -78,13 +76,13 @@ def _run_locked(
     report = RunReport(output, config.input, config.model)
 
     observer.phase("tokenizing")
-    tokenizer, prompts, _, _ = tokenize_for(config.model, rows)
+    _, prompts, _, _ = tokenize_for(checkpoint, rows)
     lap("tokenize")
 
     journal = Journal(journal_path(output))
     if config.restart:
         journal.discard()
-    identity = model_identity(config.model)
+    identity = checkpoint.identity
     keys = {
         row.id: row_key(prompts[row.index], row.params, effective_seed(row, config.seed), identity)
         for row in rows
@@ -107,7 +105,7 @@ def _run_locked(
         loaded = None
         if len(plan.order):  # a run resumed with every row journaled needs no model
             observer.phase("loading model")
-            loaded = load_model(config.model, config.device, config.dtype, tokenizer=tokenizer)
+            loaded = load_model(checkpoint, config.device, config.dtype)
             report.device = str(loaded.device)
         lap("load")
 
@@ -172,10 +170,10 @@ def generate(
     if requests:
         assert loaded is not None, "rows to generate but no model loaded"
         engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
-        observer.engine_started(engine)
+        observer.engine_started(engine.info)
         pending: dict[int, list[Completion]] = {}
-        for completion in engine.generate(requests):
-            index = completion.request_id
+        for completion in engine.generate(requests, on_step=observer.step):
+            index = completion.row
             samples = pending.setdefault(index, [])
             samples.append(completion)
             if len(samples) < rows[index].params.n:

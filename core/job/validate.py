@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from batchrun.core.checkpoint import open_checkpoint
 from batchrun.core.job.io import open_source
 from batchrun.core.job.prepare import job_defaults, read_rows, tokenize_for
 from batchrun.core.job.rows import Columns
 from batchrun.core.params import SamplingParams
-from batchrun.core.runner.model_loader import (
-    check_model_folder,
-)
 
 
 @dataclass
@@ -30,16 +28,16 @@ def validate_file(
     """Read and check every row; with ``model``, also tokenize and check context lengths.
 
     File-level problems raise ``InputError`` exactly as ``batchrun run`` would."""
-    if model is not None:
-        check_model_folder(model)
-        defaults = job_defaults(model, sampling or {})
+    checkpoint = open_checkpoint(model, need_weights=False) if model is not None else None
+    if checkpoint is not None:
+        defaults = job_defaults(checkpoint, sampling or {})
     else:
         defaults = SamplingParams().with_overrides(sampling or {})
     source = open_source(path, columns)
     rows = read_rows(source, defaults)
     report = ValidationReport(path, source.format_name, len(rows))
-    if model is not None:
-        _, prompts, report.max_context, _ = tokenize_for(model, rows)
+    if checkpoint is not None:
+        _, prompts, report.max_context, _ = tokenize_for(checkpoint, rows)
         lengths = prompts.lengths.tolist()
         report.token_lengths = [n for row, n in zip(rows, lengths, strict=True) if not row.error]
     report.problems = [row.error for row in rows if row.error]

@@ -9,12 +9,13 @@ as the ``batchrun_step`` keyword of the model's forward, never through module gl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AttentionInterface
 
 from batchrun.core.runner.kv_cache import KVCache
-from batchrun.kernels import AttentionBackend, AttentionMetadata
+from batchrun.kernels import AttentionBackend
 
 ATTENTION_NAME = "batchrun_paged"
 
@@ -22,8 +23,8 @@ ATTENTION_NAME = "batchrun_paged"
 @dataclass(frozen=True)
 class StepContext:
     kv_cache: KVCache
-    metadata: AttentionMetadata
     backend: AttentionBackend
+    state: Any  # what backend.build returned for this step
 
 
 def paged_attention_forward(
@@ -47,12 +48,10 @@ def paged_attention_forward(
     k = key[0].transpose(0, 1)  # (T, Hkv, D)
     v = value[0].transpose(0, 1)
     k_cache, v_cache = batchrun_step.kv_cache.layer(module.layer_idx)
-    backend = batchrun_step.backend
-    backend.write_kv(k, v, k_cache, v_cache, batchrun_step.metadata.slot_mapping)
+    backend, state = batchrun_step.backend, batchrun_step.state
+    backend.write_kv(state, k, v, k_cache, v_cache)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    out = backend.paged_attention(
-        q, k_cache, v_cache, batchrun_step.metadata, scale, softcap=softcap, sliding_window=sliding_window
-    )
+    out = backend.forward(state, q, k_cache, v_cache, scale, softcap=softcap, sliding_window=sliding_window)
     return out.unsqueeze(0), None  # (1, T, Hq, D), as transformers' own functions return
 
 

@@ -1,64 +1,15 @@
-"""The paged KV cache: a plain-Python block allocator and the per-layer tensors it indexes.
+"""The paged KV cache's tensors: one K and one V tensor per layer, indexed by block id.
 
-Blocks are reference counted so that a block can be shared by several requests; it
-returns to the free list when its last holder releases it. There is no LRU: batchrun's
-plan knows every future user of a block, so nothing is kept "in case".
+Block ids come from the scheduler's ``BlockPool`` (ids ``0 .. num_blocks - 1``); the
+tensors hold one more block, the *null block* (id ``num_blocks``), which pads block tables
+so that a kernel reading past a sequence's last block reads memory no request owns.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
 import torch
-
-
-class OutOfBlocks(RuntimeError):
-    pass
-
-
-class BlockPool:
-    """Hands out block ids ``0 .. num_blocks - 1``; lowest ids first, freed ids reused last."""
-
-    def __init__(self, num_blocks: int) -> None:
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
-        self._refcount = [0] * num_blocks
-        self.peak_used = 0
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
-        block = self._free.popleft()
-        self._refcount[block] = 1
-        self.peak_used = max(self.peak_used, self.num_used)
-        return block
-
-    def share(self, block: int) -> None:
-        """Add a holder to an allocated block."""
-        if self._refcount[block] < 1:
-            raise ValueError(f"block {block} is not allocated")
-        self._refcount[block] += 1
-
-    def release(self, blocks: list[int]) -> None:
-        """Drop one holder from each block; blocks with no holder left become free."""
-        for block in blocks:
-            if self._refcount[block] < 1:
-                raise ValueError(f"block {block} released more times than it was held")
-            self._refcount[block] -= 1
-            if self._refcount[block] == 0:
-                self._free.append(block)
-
-    def refcount(self, block: int) -> int:
-        return self._refcount[block]
 
 
 @dataclass(frozen=True)
@@ -98,12 +49,14 @@ class KVCacheSpec:
 
 
 class KVCache:
-    """Per-layer K and V tensors, each ``(num_blocks, block_size, num_kv_heads, head_dim)``."""
+    """Per-layer K and V tensors, each ``(num_blocks + 1, block_size, num_kv_heads, head_dim)``:
+    ``num_blocks`` allocatable blocks, then the null block."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.spec = spec
-        self.num_blocks = num_blocks
+        self.num_blocks = num_blocks  # allocatable; the pool hands out ids below this
+        self.null_block = num_blocks
         self.keys = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
         self.values = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
 

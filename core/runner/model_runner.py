@@ -1,17 +1,24 @@
-"""Runs one packed step through the model and returns the logits to sample from."""
+"""Runs one step through the model: the step message in, the sampled tokens out.
+
+inputs = batch.step_inputs(plan)        # NumPy, from the persistent per-request state
+state  = backend.build(metadata)        # once per step: the backend's index tensors
+logits = model(...)                     # every layer: write K/V, attend via `state`
+tokens = sample(logits)                 # one token per chunk that completes its request
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import numpy as np
 import torch
 
 from batchrun.core.runner.attention_hook import StepContext
+from batchrun.core.runner.input_batch import InputBatch, StepInputs
 from batchrun.core.runner.kv_cache import KVCache
-from batchrun.core.sched.scheduler import StepBatch
+from batchrun.core.runner.sampler import sample, token_logprobs
+from batchrun.core.sched.messages import StepPlan, StepResult
 from batchrun.kernels import AttentionBackend, AttentionMetadata
-
-# Use the cascade kernel for a decode group when it spares at least this many prefix-token
-# reads ((members - 1) x prefix length); below it the per-group overhead costs more (CPU).
-CASCADE_MIN_SAVED_TOKENS = 2048
 
 
 class ModelRunner:
@@ -20,70 +27,68 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.backend = backend
         self.device = next(model.parameters()).device
+        self.batch = InputBatch(kv_cache.spec.block_size, kv_cache.null_block)
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Run the step; return float32 logits ``(num_sampling_chunks, vocab)``, one row per
-        chunk whose ``samples`` is true, in chunk order."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        block_size = self.kv_cache.spec.block_size
-        for chunk in batch.chunks:
-            request = chunk.request
-            start = request.num_computed_tokens
-            end = start + chunk.num_tokens
-            input_ids += request.token_ids(start, end)
-            positions += range(start, end)
-            table = request.block_ids
-            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-            if chunk.samples:
-                sample_rows.append(len(input_ids) - 1)
-
-        meta = self._metadata(batch, slots)
-        device = self.device
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run the step; return the token sampled for each chunk whose ``samples`` is true."""
+        self.batch.apply(plan)
+        inputs = self.batch.step_inputs(plan)
+        meta = attention_metadata(
+            inputs, self.kv_cache.null_block, self.kv_cache.spec.block_size, self._tensor
+        )
+        state = self.backend.build(meta)
         out = self.model(
-            input_ids=torch.tensor([input_ids], device=device),
-            position_ids=torch.tensor([positions], device=device),
+            input_ids=self._tensor(inputs.input_ids)[None],
+            position_ids=self._tensor(inputs.positions)[None],
             use_cache=False,
-            logits_to_keep=torch.tensor(sample_rows, dtype=torch.long, device=device),
-            batchrun_step=StepContext(self.kv_cache, meta, self.backend),
+            logits_to_keep=self._tensor(inputs.sample_rows),
+            batchrun_step=StepContext(self.kv_cache, self.backend, state),
         )
-        return out.logits[0].float()  # (num_sampling_chunks, vocab)
+        logits = out.logits[0].float()  # (R, vocab): one row per sampling chunk, in chunk order
+        result = self._sample(logits, inputs)
+        self.batch.record(plan, result.req_ids, result.token_ids)
+        return result
 
-    def _decode_groups(self, batch: StepBatch) -> tuple[tuple[tuple[int, ...], int], ...]:
-        """Decoding chunks grouped by the prefix their requests share, for the cascade kernel:
-        only groups where reading the prefix once saves enough (a call per group has a fixed
-        cost; many small groups run faster through the batched decode path)."""
-        block_size = self.kv_cache.spec.block_size
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, chunk in enumerate(batch.chunks):
-            group = chunk.request.prefix_group
-            if chunk.num_tokens == 1 and group is not None and group[1] >= block_size:
-                groups.setdefault(group, []).append(i)
-        return tuple(
-            (tuple(members), prefix_len // block_size)
-            for (_, prefix_len), members in groups.items()
-            if (len(members) - 1) * prefix_len >= CASCADE_MIN_SAVED_TOKENS
+    def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> StepResult:
+        req_ids = inputs.sample_req_ids
+        params, seeds, output_lens = (
+            zip(*map(self.batch.sampling_of, req_ids), strict=True) if req_ids else ((), (), ())
         )
+        tokens = sample(logits, list(params), list(seeds), list(output_lens))
+        logprobs = {}
+        asking = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if asking:
+            top = max(params[i].logprobs for i in asking)
+            entries = token_logprobs(logits[asking], [tokens[i] for i in asking], top)
+            for i, entry in zip(asking, entries, strict=True):
+                logprobs[req_ids[i]] = entry | {"top": entry["top"][: params[i].logprobs]}
+        return StepResult(req_ids, tuple(tokens), logprobs)
 
-    def _metadata(self, batch: StepBatch, slots: list[int]) -> AttentionMetadata:
-        q_lens = tuple(c.num_tokens for c in batch.chunks)
-        seq_lens = tuple(c.request.num_computed_tokens + c.num_tokens for c in batch.chunks)
-        width = max(len(c.request.block_ids) for c in batch.chunks)
-        tables = [c.request.block_ids + [0] * (width - len(c.request.block_ids)) for c in batch.chunks]
-        cu = [0]
-        for n in q_lens:
-            cu.append(cu[-1] + n)
-        device = self.device
-        return AttentionMetadata(
-            decode_groups=self._decode_groups(batch),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-            q_lens_host=q_lens,
-            seq_lens_host=seq_lens,
-            q_starts_host=tuple(cu),
-        )
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+
+def attention_metadata(
+    inputs: StepInputs,
+    null_block: int,
+    block_size: int,
+    to_device: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy,
+) -> AttentionMetadata:
+    """The kernels' view of a step: device tensors plus host copies of the lengths."""
+    return AttentionMetadata(
+        slot_mapping=to_device(inputs.slot_mapping),
+        cu_seqlens_q=to_device(inputs.cu_seqlens_q),
+        seq_lens=to_device(inputs.seq_lens),
+        block_tables=to_device(inputs.block_tables),
+        null_block=null_block,
+        block_size=block_size,
+        q_lens_host=tuple(np.diff(inputs.cu_seqlens_q).tolist()),
+        seq_lens_host=tuple(inputs.seq_lens.tolist()),
+        q_starts_host=tuple(inputs.cu_seqlens_q.tolist()),
+        group_keys_host=tuple(inputs.group_keys.tolist()),
+        group_prefix_lens_host=tuple(inputs.group_prefix_lens.tolist()),
+    )

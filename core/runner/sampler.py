@@ -1,39 +1,43 @@
-"""Next-token selection: greedy, or temperature / top-k / top-p with a per-row generator.
+"""Next-token selection for one step: greedy rows in one argmax; sampled rows (temperature,
+top-k, top-p) each with a generator seeded from the request's seed and the token's index.
 
-Each sampled row draws from its own ``torch.Generator``, seeded from the row, so a row's
-output does not depend on which other rows share its step.
+Seeding by ``(seed, k)`` for output token ``k`` makes a sample depend on nothing but the
+row: not on which rows share its step, not on a preemption, not on which worker runs it.
 """
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
-from batchrun.core.sched.request import Request
+from batchrun.core.params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
 
 
-def row_seed(job_seed: int, row_id: str) -> int:
-    """A stable 63-bit seed for a row without its own ``seed``: from the job seed and row id."""
-    digest = hashlib.blake2b(f"{job_seed}\x00{row_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
+def token_seed(seed: int, index: int) -> int:
+    """A 63-bit seed for output token ``index`` of a request seeded ``seed`` (splitmix64)."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1
 
 
-def make_generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
-    """Pick one token per row of ``logits`` ``(S, vocab)`` for the matching request."""
+def sample(
+    logits: torch.Tensor,  # (R, vocab) float32
+    params: list[SamplingParams],
+    seeds: list[int | None],
+    output_lens: list[int],  # tokens each request has output before this one
+) -> list[int]:
+    """One token per row of ``logits``."""
     tokens = torch.argmax(logits, dim=-1).tolist()
-    for i, request in enumerate(requests):
-        if not request.params.greedy:
-            tokens[i] = _sample_one(logits[i], request)
+    for i, p in enumerate(params):
+        if not p.greedy:
+            generator = torch.Generator().manual_seed(token_seed(seeds[i] or 0, output_lens[i]))
+            tokens[i] = _sample_one(logits[i], p, generator)
     return tokens
 
 
-def _sample_one(logits: torch.Tensor, request: Request) -> int:
-    params = request.params
+def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     logits = logits.cpu() / params.temperature  # (vocab,)
     if 0 < params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
@@ -45,7 +49,7 @@ def _sample_one(logits: torch.Tensor, request: Request) -> int:
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=request.generator).item())
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def token_logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[dict]:

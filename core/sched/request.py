@@ -1,10 +1,13 @@
-"""A request's state inside the engine: one sample of one row.
+"""A request's state on the scheduler's side: one sample of one row. No tensors.
 
 Following vLLM v1, a request does not have phases: it has ``num_tokens`` (prompt plus
 output so far) and ``num_computed_tokens`` (tokens whose K/V are in the cache). Each step
 brings computed up towards ``num_tokens``; when they meet, the next token is sampled.
 A prefill chunk, a whole prompt, a decode step and the recomputation after a preemption
 are the same operation.
+
+The runner never sees this object: it gets what it needs through the step message
+(messages.py) and keeps its own copy of the token ids and block table.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import torch
+import numpy as np
 
 from batchrun.core.params import SamplingParams
 
@@ -28,16 +31,17 @@ class SegmentRef(NamedTuple):
 
 @dataclass(eq=False)
 class Request:
-    request_id: int  # the row index; completions are keyed by it
+    row: int  # the caller's key (the row index); completions carry it back
     prompt_ids: Sequence[int]  # a list, or a view into the job's PromptTokens array
     params: SamplingParams
-    generator: torch.Generator | None = None  # per-row RNG: same sample whatever the batch
+    seed: int | None = None  # sampled rows: the same seed gives the same sample in any batch
     sample_index: int = 0  # which of the row's n samples
     segments: tuple[SegmentRef, ...] = ()  # shared prefixes, outermost first, contiguous from 0
     expected_output: int | None = None  # the row's output-length hint, if it has one
     # The first-level group whose prefix it shares (key, prefix length in tokens), for the
-    # cascade decode kernel; None when it shares nothing.
+    # shared-prefix attention kernels; None when it shares nothing.
     prefix_group: tuple[int, int] | None = None
+    req_id: int = -1  # unique in an engine; set when the scheduler takes the request
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)  # per output token, when asked for
     num_computed_tokens: int = 0
@@ -62,14 +66,9 @@ class Request:
         """Tokens not yet in the KV cache (the rest of the prompt, or the last sample)."""
         return self.num_tokens - self.num_computed_tokens
 
-    def token_ids(self, start: int, end: int) -> list[int]:
-        """Token ids at positions ``start:end`` of prompt + output."""
-        n_prompt = len(self.prompt_ids)
-        if start >= n_prompt:
-            return self.output_ids[start - n_prompt : end - n_prompt]
-        prompt = _as_list(self.prompt_ids[start : min(end, n_prompt)])
-        return prompt if end <= n_prompt else prompt + self.output_ids[: end - n_prompt]
-
-
-def _as_list(ids: Sequence[int]) -> list[int]:
-    return ids.tolist() if hasattr(ids, "tolist") else list(ids)  # numpy views give Python ints
+    def all_token_ids(self) -> np.ndarray:
+        """Prompt followed by the output so far, int32 ``(num_tokens,)``."""
+        prompt = np.asarray(self.prompt_ids, dtype=np.int32)
+        if not self.output_ids:
+            return prompt
+        return np.concatenate([prompt, np.asarray(self.output_ids, dtype=np.int32)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,14 +15,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _test_hold(path: Path) -> None:
-    """Tests set BATCHRUN_TEST_HOLD_BEFORE_RENAME=<file name>:<seconds> to kill a run while it
-    writes that file."""
-    name, _, seconds = os.environ.get("BATCHRUN_TEST_HOLD_BEFORE_RENAME", "").partition(":")
-    if name == path.name:
-        time.sleep(float(seconds))
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -46,7 +37,6 @@ def atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _test_hold(path)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:

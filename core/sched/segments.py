@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from batchrun.core.runner.kv_cache import BlockPool
+from batchrun.core.sched.block_pool import BlockPool
 
 
 @dataclass(eq=False)
