@@ -56,8 +56,11 @@ def save_tiny_model(config, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def reference_generate(model_path: Path, prompts: list[list[int]], max_tokens: list[int]) -> list[list[int]]:
-    """The oracle: transformers ``generate``, greedy, float32, one row at a time (no padding)."""
+def reference_generate(
+    model_path: Path, prompts: list[list[int]], max_tokens: list[int], **generate_kwargs
+) -> list[list[int]]:
+    """The oracle: transformers ``generate``, greedy, float32, one row at a time (no padding);
+    ``generate_kwargs`` adds logits processors (e.g. ``repetition_penalty``)."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     outputs = []
@@ -69,6 +72,7 @@ def reference_generate(model_path: Path, prompts: list[list[int]], max_tokens: l
                 max_new_tokens=n,
                 do_sample=False,
                 pad_token_id=model.config.pad_token_id,
+                **generate_kwargs,
             )
         outputs.append(out[0, len(ids) :].tolist())
     return outputs

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.engine import build_engine
 from batchrun.core.engine.stop import StopChecker
 from batchrun.core.params import SamplingParams
 from batchrun.core.runner.model_loader import load_model
+from batchrun.core.runner.sampler import History, apply_penalties
 from batchrun.core.sched.request import Request
+
+from helpers import reference_generate
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +101,68 @@ def test_stop_strings_are_found_incrementally_and_the_text_decoded_once(loaded):
     assert verdict == ("stop", "The ferry leaves at noon.\n")
     assert real(output).endswith("STOP") and len(output) < len(ids)
     assert decodes == [len(output)]
+
+
+def test_repetition_penalty_equals_transformers_generate(loaded, tiny_llama):
+    """vLLM's repetition penalty is transformers' (prompt and output, divide positive logits,
+    multiply negative ones), so the oracle covers it. The random model never repeats a token
+    greedily, so a penalty below 1 (rewarding repeats) is what changes its text."""
+    prompts = ids(loaded, "The lighthouse keeper", "Once upon a time, once upon a time")
+    expected = reference_generate(tiny_llama, prompts, [12, 12], repetition_penalty=0.2)
+    plain = reference_generate(tiny_llama, prompts, [12, 12])
+    assert expected[0] != plain[0] and expected[1] != plain[1], "the penalty should change the text"
+    got = generate(loaded, prompts, [SamplingParams(max_tokens=12, repetition_penalty=0.2)] * 2)
+    assert [got[0].token_ids, got[1].token_ids] == expected
+
+
+def test_presence_and_frequency_penalties_follow_the_output_counts():
+    logits = torch.zeros(6)
+    history = History(prompt=np.array([5, 5]), output=np.array([1, 1, 1, 3]))
+    apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), history)
+    # token 1: 3 x 0.25 + 0.5; token 3: 0.25 + 0.5; prompt-only token 5 is not touched
+    assert logits.tolist() == [0.0, -1.25, 0.0, -0.75, 0.0, 0.0]
+
+
+def test_min_tokens_masks_eos_and_stop_tokens_then_they_end_the_row(loaded):
+    prompt = ids(loaded, "Once upon a time")
+    greedy = generate(loaded, prompt, [SamplingParams(max_tokens=6)])[0].token_ids
+    engine = build_engine(loaded, EngineConfig())
+    engine.stop_checker.eos_token_ids = frozenset({greedy[0]})  # pretend the first token is EOS
+    engine.runner.eos_token_ids = (greedy[0],)
+    params = SamplingParams(max_tokens=6, min_tokens=3, stop_token_ids=(greedy[0],))
+    (done,) = engine.generate([Request(0, prompt[0], params)])
+    assert greedy[0] not in done.token_ids[:3]  # masked while below min_tokens
+    assert done.finish_reason in ("stop", "length")
+    if done.finish_reason == "stop":
+        assert done.token_ids[-1] == greedy[0] and len(done.token_ids) > 3
+
+
+def test_a_stop_token_ends_the_row_and_shows_only_when_asked(loaded):
+    prompt = ids(loaded, "Once upon a time")
+    full = generate(loaded, prompt, [SamplingParams(max_tokens=8)])[0]
+    stop = full.token_ids[3]
+    cut = generate(loaded, prompt, [SamplingParams(max_tokens=8, stop_token_ids=(stop,))])[0]
+    first = full.token_ids.index(stop)
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[: first + 1]
+    shown = generate(
+        loaded,
+        prompt,
+        [SamplingParams(max_tokens=8, stop_token_ids=(stop,), include_stop_str_in_output=True)],
+    )[0]
+    assert loaded.tokenizer.decode(cut.token_ids[:-1], skip_special_tokens=True) == cut.text
+    assert shown.text == loaded.tokenizer.decode(cut.token_ids, skip_special_tokens=True)
+
+
+def test_min_p_one_is_greedy(loaded):
+    prompt = ids(loaded, "The orchard grows eleven apple varieties")
+    greedy = generate(loaded, prompt, [SamplingParams(max_tokens=10)])[0].token_ids
+    only_top = generate(loaded, prompt, [SamplingParams(max_tokens=10, temperature=1.5, min_p=1.0)])[0]
+    assert only_top.token_ids == greedy
+
+
+def test_logprobs_carry_each_tokens_text(loaded):
+    prompt = ids(loaded, "Once upon a time")
+    done = generate(loaded, prompt, [SamplingParams(max_tokens=3, logprobs=2)])[0]
+    first = done.logprobs[0]
+    assert first["token"] == done.token_ids[0] and first["text"] == loaded.tokenizer.decode([first["token"]])
+    assert [t["text"] for t in first["top"]] == [loaded.tokenizer.decode([t["token"]]) for t in first["top"]]

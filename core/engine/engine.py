@@ -86,7 +86,7 @@ class Engine:
             request = self.scheduler.requests[req_id]
             request.output_ids.append(token)
             if req_id in result.logprobs:
-                request.logprobs.append(result.logprobs[req_id])
+                request.logprobs.append(self._with_text(result.logprobs[req_id]))
             verdict = self.stop_checker.check(request.params, request.output_ids, self._stops.get(req_id))
             if verdict is None:
                 continue
@@ -103,6 +103,12 @@ class Engine:
                 cached_tokens=request.cached_tokens,
                 logprobs=request.logprobs if request.params.logprobs is not None else None,
             )
+
+    def _with_text(self, entry: dict) -> dict:
+        """A logprobs entry with each token's text (as ``tokenizer.decode([id])`` gives it)."""
+        decode = self.stop_checker.tokenizer.decode
+        top = [t | {"text": decode([t["token"]])} for t in entry["top"]]
+        return entry | {"text": decode([entry["token"]]), "top": top}
 
     def _account(self, plan: StepPlan) -> None:
         self.stats.steps += 1
@@ -135,7 +141,7 @@ def build_engine(loaded: LoadedModel, config: EngineConfig, useful_tokens: int |
     kv_cache = KVCache(spec, num_blocks_for(spec, budget, useful_tokens), loaded.device)
     backend = get_backend(config.attention_backend, cascade_min_saved_tokens=config.cascade_min_saved_tokens)
     check_backend(backend, loaded, config.block_size)
-    runner = ModelRunner(loaded.model, kv_cache, backend)
+    runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids)
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker)
 

@@ -32,6 +32,7 @@ class StopState:
         self._stream = DecodeStream(skip_special_tokens=True) if self._backend is not None else None
         self._tokenizer = tokenizer
         self.text = ""
+        self.floor = 0  # characters decoded before min_tokens: a stop string there does not count
 
     def advance(self, output_ids: list[int]) -> int:
         """Decode the newest token of ``output_ids``; return how many characters it added."""
@@ -56,27 +57,46 @@ class StopChecker:
 
     def check(self, params: SamplingParams, output: list[int], state: StopState | None) -> Verdict | None:
         """The verdict if the latest token of ``output`` finishes the request, else None.
-        ``state`` (one per request, advanced here) is needed when ``params.stop`` is set."""
-        if not params.ignore_eos and output[-1] in self.eos_token_ids:
-            return Verdict("stop", self.decode(output[:-1]))
-        if params.stop and state is not None:
-            added = state.advance(output)
-            longest = max(map(len, params.stop))
-            window = max(0, len(state.text) - added - longest + 1)
-            if added and _earliest_stop(state.text, params.stop, window) is not None:
-                text = self.decode(output)
-                cut = _earliest_stop(text, params.stop, 0)
-                return Verdict("stop", text[:cut] if cut is not None else state.text)
+        ``state`` (one per request, advanced here) is needed when ``params.stop`` is set.
+
+        As in vLLM: nothing but ``max_tokens`` ends a row before ``min_tokens``; a sampled
+        EOS or stop token ends it, its text left out unless ``include_stop_str_in_output``
+        (stop tokens only; EOS never shows); a stop string cuts the text before it (after
+        it with ``include_stop_str_in_output``)."""
+        last = output[-1]
+        added = state.advance(output) if params.stop and state is not None else 0
+        if len(output) < params.min_tokens and state is not None:
+            state.floor = len(state.text)
+        if len(output) >= params.min_tokens:
+            if not params.ignore_eos and last in self.eos_token_ids:
+                return Verdict("stop", self.decode(output[:-1]))
+            if last in params.stop_token_ids:
+                kept = output if params.include_stop_str_in_output else output[:-1]
+                return Verdict("stop", self.decode(kept))
+            if added:
+                window = max(state.floor, len(state.text) - added - max(map(len, params.stop)) + 1)
+                if _earliest_stop(state.text, params.stop, window) is not None:
+                    return self._final(params, output, state)
         if len(output) >= params.max_tokens:
-            return self._length(params, output)
+            return self._final(params, output, state)
         return None
 
-    def _length(self, params: SamplingParams, output: list[int]) -> Verdict:
+    def _final(self, params: SamplingParams, output: list[int], state: StopState | None) -> Verdict:
+        """The finished text: decoded once, cut at the earliest stop string after the
+        ``min_tokens`` floor if one is there (else in the incremental text, in case the two
+        decodings differ)."""
         text = self.decode(output)
-        cut = _earliest_stop(text, params.stop, 0) if params.stop else None
-        return Verdict("stop", text[:cut]) if cut is not None else Verdict("length", text)
+        if params.stop and state is not None:
+            for candidate in (text, state.text):
+                hit = _earliest_stop(candidate, params.stop, state.floor)
+                if hit is not None:
+                    cut, stop = hit
+                    end = cut + len(stop) if params.include_stop_str_in_output else cut
+                    return Verdict("stop", candidate[:end])
+        return Verdict("length", text)
 
 
-def _earliest_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+def _earliest_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    """(index, stop string) of the first stop string in ``text[start:]``, or None."""
+    hits = [(i, s) for s, i in ((s, text.find(s, start)) for s in stops) if i >= 0]
     return min(hits) if hits else None

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from batchrun.core.params import SamplingParams
+from batchrun.core.runner.sampler import History
 from batchrun.core.sched.messages import NewRequest, StepPlan
 
 
@@ -165,7 +166,9 @@ class InputBatch:
             sample_req_ids=tuple(c.req_id for c in chunks if c.samples),
         )
 
-    def sampling_of(self, req_id: int) -> tuple[SamplingParams, int | None, int]:
-        """A request's sampling parameters, seed, and how many tokens it has output so far."""
+    def sampling_of(self, req_id: int) -> tuple[SamplingParams, int | None, History]:
+        """A request's sampling parameters, seed, and the tokens it has seen (views)."""
         slot = self.slot_of[req_id]
-        return self.params[slot], self.seeds[slot], int(self.num_tokens[slot] - self.prompt_lens[slot])
+        tokens, prompt_len = self.tokens[slot], int(self.prompt_lens[slot])
+        history = History(tokens[:prompt_len], tokens[prompt_len : self.num_tokens[slot]])
+        return self.params[slot], self.seeds[slot], history

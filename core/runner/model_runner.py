@@ -22,8 +22,15 @@ from batchrun.kernels import AttentionBackend, AttentionMetadata
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: KVCache,
+        backend: AttentionBackend,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
         self.model = model
+        self.eos_token_ids = eos_token_ids  # masked while a row is below its min_tokens
         self.kv_cache = kv_cache
         self.backend = backend
         self.device = next(model.parameters()).device
@@ -52,15 +59,16 @@ class ModelRunner:
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> StepResult:
         req_ids = inputs.sample_req_ids
-        params, seeds, output_lens = (
+        params, seeds, histories = (
             zip(*map(self.batch.sampling_of, req_ids), strict=True) if req_ids else ((), (), ())
         )
-        tokens = sample(logits, list(params), list(seeds), list(output_lens))
+        raw = logits.clone() if any(p.logprobs is not None for p in params) else logits
+        tokens = sample(logits, list(params), list(seeds), list(histories), self.eos_token_ids)
         logprobs = {}
         asking = [i for i, p in enumerate(params) if p.logprobs is not None]
         if asking:
             top = max(params[i].logprobs for i in asking)
-            entries = token_logprobs(logits[asking], [tokens[i] for i in asking], top)
+            entries = token_logprobs(raw[asking], [tokens[i] for i in asking], top)
             for i, entry in zip(asking, entries, strict=True):
                 logprobs[req_ids[i]] = entry | {"top": entry["top"][: params[i].logprobs]}
         return StepResult(req_ids, tuple(tokens), logprobs)

@@ -1,5 +1,7 @@
 """Next-token selection for one step: greedy rows in one argmax; sampled rows (temperature,
-top-k, top-p) each with a generator seeded from the request's seed and the token's index.
+top-k, top-p, min-p) each with a generator seeded from the request's seed and the token's
+index. Before either, the rows that ask for them get vLLM's logits processors: repetition,
+presence and frequency penalties, and ``min_tokens`` (EOS and stop tokens masked).
 
 Seeding by ``(seed, k)`` for output token ``k`` makes a sample depend on nothing but the
 row: not on which rows share its step, not on a preemption, not on which worker runs it.
@@ -7,6 +9,9 @@ row: not on which rows share its step, not on a preemption, not on which worker 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
 import torch
 
 from batchrun.core.params import SamplingParams
@@ -22,13 +27,32 @@ def token_seed(seed: int, index: int) -> int:
     return (z ^ (z >> 31)) >> 1
 
 
+class History(NamedTuple):
+    """The tokens a request has seen: what penalties and ``min_tokens`` look at."""
+
+    prompt: np.ndarray  # (P,) int64
+    output: np.ndarray  # (O,) int64, the tokens sampled so far
+
+
 def sample(
     logits: torch.Tensor,  # (R, vocab) float32
     params: list[SamplingParams],
     seeds: list[int | None],
-    output_lens: list[int],  # tokens each request has output before this one
+    histories: list[History],
+    eos_token_ids: tuple[int, ...] = (),
 ) -> list[int]:
-    """One token per row of ``logits``."""
+    """One token per row of ``logits`` (changed in place where a row has processors)."""
+    output_lens = [len(h.output) for h in histories]
+    for i, p in enumerate(params):
+        if p.penalized:
+            apply_penalties(logits[i], p, histories[i])
+        if output_lens[i] < p.min_tokens:
+            banned = [
+                t
+                for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids)
+                if t < logits.shape[1]
+            ]
+            logits[i, banned] = float("-inf")
     tokens = torch.argmax(logits, dim=-1).tolist()
     for i, p in enumerate(params):
         if not p.greedy:
@@ -43,6 +67,8 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
@@ -50,6 +76,22 @@ def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         sorted_probs[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: History) -> None:
+    """vLLM's penalties on one row of logits ``(vocab,)``, in place: repetition over the
+    prompt and the output, presence and frequency over the output."""
+    vocab = logits.shape[0]
+    output = torch.from_numpy(history.output).to(logits.device)
+    counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
+    if params.repetition_penalty != 1.0:
+        seen = counts > 0
+        seen[torch.from_numpy(history.prompt).to(logits.device)] = True
+        penalized = torch.where(
+            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
+        )
+        logits.copy_(torch.where(seen, penalized, logits))
+    logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[dict]:

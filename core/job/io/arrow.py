@@ -22,8 +22,9 @@ from batchrun.core.params import ROW_PARAM_KEYS
 
 BATCH_ROWS = 4096
 
-_TOP = pa.list_(pa.struct([("token", pa.int64()), ("logprob", pa.float64())]))
-_LOGPROBS = pa.list_(pa.struct([("token", pa.int64()), ("logprob", pa.float64()), ("top", _TOP)]))
+_TOKEN = [("token", pa.int64()), ("text", pa.string()), ("logprob", pa.float64())]
+_TOP = pa.list_(pa.struct(_TOKEN))
+_LOGPROBS = pa.list_(pa.struct([*_TOKEN, ("top", _TOP)]))
 
 
 def generated_schema(shape: OutputShape) -> pa.Schema:
