@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e): natural-log scores * LOG2E = base-2 scores
-LN2 = 0.6931471805599453  # ln(2): base-2 LSE * LN2 = natural-log LSE
+from batchrun.kernels.triton.capabilities import CAPABILITIES, supported_block_size, supported_head_dim
 
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # natural-log scores * LOG2E = base-2 scores
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # base-2 LSE * LN2 = natural-log LSE
 
 
 class AttentionOutput(NamedTuple):
@@ -79,7 +79,7 @@ def scores_base2(
     s = s * scale
     if USE_SOFTCAP:
         s = softcap * tanh(s / softcap)
-    return s * 1.4426950408889634  # LOG2E
+    return s * LOG2E
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def finish(acc, m_i, l_i):
     """Normalise the accumulator; a row that saw no key gets out = 0 and lse = -inf (natural log)."""
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]  # acc is 0 on empty rows
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
     return out, lse
 
 
@@ -135,8 +135,6 @@ def next_power_of_2(n: int) -> int:
 
 def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int, int]:
     """Validate query / cache shapes and dtypes; returns (block_size, num_kv_heads, group)."""
-    from batchrun.kernels.triton.capabilities import supported_block_size, supported_head_dim
-
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             f"k_cache and v_cache must both be (num_blocks, block_size, Hkv, D); "
@@ -144,9 +142,9 @@ def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         )
     if query.dim() != 3 or query.shape[2] != k_cache.shape[3]:
         raise ValueError(f"query must be (T, Hq, D) with D = {k_cache.shape[3]}; got {tuple(query.shape)}")
-    if not (query.dtype == k_cache.dtype == v_cache.dtype) or query.dtype not in DTYPES:
+    if not (query.dtype == k_cache.dtype == v_cache.dtype) or query.dtype not in CAPABILITIES.dtypes:
         raise ValueError(
-            f"query and caches must share one dtype of {DTYPES}; "
+            f"query and caches must share one dtype of {CAPABILITIES.dtypes}; "
             f"got {query.dtype}, {k_cache.dtype}, {v_cache.dtype}"
         )
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
@@ -154,8 +152,12 @@ def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"block size {block_size} is not supported")
     if not supported_head_dim(head_dim):
         raise ValueError(f"head dim {head_dim} is not supported (a power of two, 16..256)")
-    if query.shape[1] % num_kv_heads:
-        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {num_kv_heads} kv heads")
+    group = query.shape[1] // num_kv_heads
+    if query.shape[1] % num_kv_heads or group > CAPABILITIES.max_gqa_group:
+        raise ValueError(
+            f"{query.shape[1]} query heads over {num_kv_heads} kv heads: need a whole number of query "
+            f"heads per kv head, at most {CAPABILITIES.max_gqa_group}"
+        )
     if k_cache.stride(3) != 1 or v_cache.stride(3) != 1 or query.stride(2) != 1:
         raise ValueError("query and caches must be contiguous in the head dim")
-    return block_size, num_kv_heads, query.shape[1] // num_kv_heads
+    return block_size, num_kv_heads, group

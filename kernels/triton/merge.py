@@ -5,8 +5,8 @@ With natural-log LSEs ``a`` and ``b`` and ``m = max(a, b)``::
     out = (e^(a-m) o_a + e^(b-m) o_b) / (e^(a-m) + e^(b-m)),   lse = m + log(e^(a-m) + e^(b-m))
 
 A side with lse = -inf (it saw no key) has weight exactly 0: the result is the other side
-bit for bit (its lse too); both -inf give out = 0, lse = -inf. One program merges one row
-(all heads): blocks of (BLOCK_H, HEAD_DIM).
+bit for bit (its lse too); both -inf give out = 0, lse = -inf. One program merges BLOCK_R
+rows x all heads: blocks of (BLOCK_R * BLOCK_H, HEAD_DIM).
 """
 
 from __future__ import annotations
@@ -21,29 +21,32 @@ from batchrun.kernels.triton._common import AttentionOutput, next_power_of_2
 @triton.jit
 def _merge_kernel(
     OA, LseA, OB, LseB, Out, LseOut, rows,  # side a (R|T, H, D), (R|T, H); side b (R, H, D), (R, H); out
-    num_heads,
+    num_rows, num_heads,
     stride_at, stride_ah, stride_alt, stride_alh,
     stride_bt, stride_bh, stride_blt, stride_blh,
     stride_ot, stride_oh, stride_olt, stride_olh,
     HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # rows per program
+    BLOCK_H: tl.constexpr,  # heads, padded to a power of two
     INDEXED: tl.constexpr,  # side a and out at row rows[r] (in place into the full output), else r
 ):  # fmt: skip
-    r = tl.program_id(0).to(tl.int64)  # row of side b
+    # BLOCK_R rows x BLOCK_H heads per program, flattened: element e = (row e // BLOCK_H, head e % BLOCK_H)
+    offs = tl.arange(0, BLOCK_R * BLOCK_H)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + offs // BLOCK_H  # (BLOCK_R * BLOCK_H,) row of side b
+    h = offs % BLOCK_H
+    ok = (r < num_rows) & (h < num_heads)
     a_r = r  # row of side a and of the output
     if INDEXED:
-        a_r = tl.load(rows + r).to(tl.int64)
-    offs_h = tl.arange(0, BLOCK_H)  # (BLOCK_H,)
+        a_r = tl.load(rows + r, mask=ok, other=0).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
-    h_ok = offs_h < num_heads
-    # lse blocks: (BLOCK_H,); o blocks: (BLOCK_H, HEAD_DIM)
-    lse_a = tl.load(LseA + a_r * stride_alt + offs_h * stride_alh, mask=h_ok, other=float("-inf"))
-    lse_b = tl.load(LseB + r * stride_blt + offs_h * stride_blh, mask=h_ok, other=float("-inf"))
+    # lse blocks: (BLOCK_R * BLOCK_H,); o blocks: (BLOCK_R * BLOCK_H, HEAD_DIM)
+    lse_a = tl.load(LseA + a_r * stride_alt + h * stride_alh, mask=ok, other=float("-inf"))
+    lse_b = tl.load(LseB + r * stride_blt + h * stride_blh, mask=ok, other=float("-inf"))
     o_a = tl.load(
-        OA + a_r * stride_at + offs_h[:, None] * stride_ah + offs_d[None, :], mask=h_ok[:, None], other=0.0
+        OA + a_r[:, None] * stride_at + h[:, None] * stride_ah + offs_d[None, :], mask=ok[:, None], other=0.0
     ).to(tl.float32)
     o_b = tl.load(
-        OB + r * stride_bt + offs_h[:, None] * stride_bh + offs_d[None, :], mask=h_ok[:, None], other=0.0
+        OB + r[:, None] * stride_bt + h[:, None] * stride_bh + offs_d[None, :], mask=ok[:, None], other=0.0
     ).to(tl.float32)
 
     m = tl.maximum(lse_a, lse_b)
@@ -60,11 +63,11 @@ def _merge_kernel(
     lse = tl.where(total > 0, shift + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
 
     tl.store(
-        Out + a_r * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+        Out + a_r[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=h_ok[:, None],
+        mask=ok[:, None],
     )
-    tl.store(LseOut + a_r * stride_olt + offs_h * stride_olh, lse, mask=h_ok)
+    tl.store(LseOut + a_r * stride_olt + h * stride_olh, lse, mask=ok)
 
 
 def _launch(o_a, lse_a, o_b, lse_b, out, lse_out, rows) -> None:
@@ -85,13 +88,15 @@ def _launch(o_a, lse_a, o_b, lse_b, out, lse_out, rows) -> None:
         raise ValueError(f"head dim {head_dim} is not a power of two")
     if num_rows == 0:
         return
-    _merge_kernel[(num_rows,)](
+    block_h = next_power_of_2(num_heads)
+    block_r = max(1, 64 // block_h)
+    _merge_kernel[(triton.cdiv(num_rows, block_r),)](
         o_a, lse_a, o_b, lse_b, out, lse_out, rows if rows is not None else lse_a,
-        num_heads,
+        num_rows, num_heads,
         *o_a.stride()[:2], *lse_a.stride(),
         *o_b.stride()[:2], *lse_b.stride(),
         *out.stride()[:2], *lse_out.stride(),
-        HEAD_DIM=head_dim, BLOCK_H=next_power_of_2(num_heads), INDEXED=rows is not None,
+        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_H=block_h, INDEXED=rows is not None,
     )  # fmt: skip
 
 

@@ -189,8 +189,6 @@ def paged_attention(
         raise ValueError(f"kv_start must be ({num_seqs},); got {tuple(kv_start.shape)}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    if group > 16:
-        raise ValueError(f"at most 16 query heads per kv head; got {group}")
 
     out = torch.empty_like(query)
     lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=query.device)

@@ -12,7 +12,7 @@ pass). The grid is (flat query tiles, kv heads), as in paged_attention.py::
                             x  the G query heads of kv head h
                      keys = positions [0, group_prefix_len[g]) through group_tables[g]
 
-A tile holds up to 128 rows (64 for D = 128), so a group of up to 128 / G queries reads
+A tile holds up to 128 rows (64 for D > 64), so a group of up to 128 / G queries reads
 its prefix exactly once per kv head; a larger group reads it once per tile of queries.
 
 The result is a partial attention: ``(out, lse)`` over the prefix keys only, natural-log
@@ -152,8 +152,6 @@ def prefix_attention(
             f"cu_group_rows {tuple(cu_group_rows.shape)} and group_tables {tuple(group_tables.shape)} "
             f"do not match {num_groups} groups"
         )
-    if group > 16:
-        raise ValueError(f"at most 16 query heads per kv head; got {group}")
 
     num_rows = group_rows.shape[0]
     out = torch.empty((num_rows, num_heads, head_dim), dtype=query.dtype, device=query.device)
