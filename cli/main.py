@@ -12,15 +12,16 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
+from typer.exceptions import TyperException
 
 from batchrun.cli.job_file import is_job_file, read_job_file
 from batchrun.cli.progress import ConsoleObserver
@@ -29,15 +30,13 @@ from batchrun.core.engine.config import EngineConfig
 from batchrun.core.errors import InputError
 from batchrun.core.job.config import JobConfig
 from batchrun.core.job.lock import OutputLocked
-from batchrun.core.job.plan_command import plan_job
-from batchrun.core.job.plan_file import save_plan
 from batchrun.core.job.rows import Columns
-from batchrun.core.job.run import run_job
-from batchrun.core.job.status import job_status
-from batchrun.core.job.validate import validate_file
 from batchrun.core.params import ParamError, SamplingParams
 from batchrun.core.planner.plan import ORDER_INPUT, ORDER_PLAN
-from batchrun.core.runner.kv_budget import parse_memory
+from batchrun.core.sizes import SIZE_HELP, parse_memory
+
+# torch and transformers load only inside the commands that need them (`run`, `plan`,
+# `validate --model`), so `--help`, `--version` and `status` answer at once.
 
 # "\b" keeps click from re-flowing the exit-code table into one paragraph.
 EXIT_CODES_HELP = "\b\n" + __doc__.split("\n", 2)[2]
@@ -46,7 +45,6 @@ BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" /
 
 app = typer.Typer(
     help=f"Offline, large-batch LLM inference with global prefix sharing.\n\n{EXIT_CODES_HELP}",
-    no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
@@ -79,6 +77,44 @@ ModelOpt = Annotated[
 PromptColumn = Annotated[str, typer.Option(help="Field holding a raw text prompt.")]
 MessagesColumn = Annotated[str, typer.Option(help="Field holding a chat (list of {role, content}).")]
 IdColumn = Annotated[str, typer.Option(help="Field holding the row id (default: the row number).")]
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("batchrun")
+    except PackageNotFoundError:  # pragma: no cover (running from a bare checkout)
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"batchrun {version()}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _global_options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print batchrun's version and exit.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
+def quiet_libraries() -> None:
+    """batchrun reports progress itself: silence transformers' and datasets' own bars and
+    info logs. Imports transformers, so only commands that need the model call it."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
 
 def fail(code: int, message: str) -> typer.Exit:
@@ -148,7 +184,7 @@ def run(
     token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,
     kv_memory: Annotated[
         str | None,
-        typer.Option(help="KV cache size: bytes like 8GiB, or a fraction of free memory like 0.5."),
+        typer.Option(help=f"KV cache size: {SIZE_HELP}."),
     ] = None,
     reserve_full: Annotated[
         bool,
@@ -223,6 +259,8 @@ def job_file_options(ctx: typer.Context, path: Path, options: dict[str, Any]) ->
 
 def _run(o: SimpleNamespace) -> None:
     """``run`` with its options (command line over job file) as attributes of ``o``."""
+    from batchrun.core.job.run import run_job  # torch and transformers load here
+
     if not 0.0 <= o.max_error_rate <= 1.0:
         raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {o.max_error_rate}")
     try:
@@ -260,6 +298,7 @@ def _run(o: SimpleNamespace) -> None:
         order=o.order.value,
         restart=o.restart,
     )
+    quiet_libraries()
     observer = ConsoleObserver(err, log_every=o.log_every, json_lines=o.log_json)
     try:
         summary = run_job(config, observer)
@@ -292,6 +331,9 @@ def validate(
     id_column: IdColumn = "id",
 ) -> None:
     """Check a prompt file (format, fields, ids, token lengths) without running anything."""
+    from batchrun.core.job.validate import validate_file
+
+    quiet_libraries()
     sampling = sampling_overrides(max_tokens=max_tokens)
     try:
         report = validate_file(input, Columns(prompt_column, messages_column, id_column), model, sampling)
@@ -326,6 +368,10 @@ def plan_command(
     id_column: IdColumn = "id",
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
+    from batchrun.core.job.plan_command import plan_job
+    from batchrun.core.job.plan_file import save_plan
+
+    quiet_libraries()
     if block_size < 1 or top < 0:
         raise fail(EXIT_USAGE, "--block-size must be >= 1 and --top >= 0")
     try:
@@ -362,29 +408,35 @@ def status(
     output: Annotated[Path, typer.Argument(help="The output path of a job (running, interrupted or done).")],
 ) -> None:
     """Progress of a job from its lock, journal and report: running, interrupted, done or failed."""
+    from batchrun.core.job.status import job_status
+
     out.print(status_table(job_status(output)))
 
 
-def main() -> None:
-    """Console entry point: typer, with usage errors mapped to exit code 1."""
-    import os
-
-    import transformers
-
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    transformers.logging.set_verbosity_error()  # batchrun reports progress itself
-    transformers.logging.disable_progress_bar()
+def cli(args: list[str] | None = None) -> int:
+    """Run the command line and return its exit code. Usage errors print one line and return
+    1; bare ``batchrun`` prints the help and returns 0."""
+    args = sys.argv[1:] if args is None else list(args)
+    if not args:
+        args = ["--help"]
     try:
-        code = app(standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        exc.show(file=sys.stderr)
-        code = EXIT_USAGE
-    except click.exceptions.Abort:
-        err.print("aborted")
-        code = 130
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    sys.exit(code or 0)
+        code = app(args=args, prog_name="batchrun", standalone_mode=False)
+    except TyperException as exc:  # typer's vendored click: UsageError, BadParameter, ...
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        err.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        return 130
+    return code if isinstance(code, int) else EXIT_OK
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(cli())
 
 
 if __name__ == "__main__":

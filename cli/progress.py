@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from batchrun.core.engine.engine import Engine
 from batchrun.core.job.config import JobObserver
 from batchrun.core.job.rows import RowResult
+
+if TYPE_CHECKING:
+    from batchrun.core.engine.engine import Engine
 
 
 class ConsoleObserver(JobObserver):

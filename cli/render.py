@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from batchrun.core.job.config import JobSummary
-from batchrun.core.job.plan_command import PlanReport
-from batchrun.core.job.status import JobStatus
-from batchrun.core.job.validate import ValidationReport
+if TYPE_CHECKING:  # plan and validate import torch; rendering needs only the types
+    from batchrun.core.job.config import JobSummary
+    from batchrun.core.job.plan_command import PlanReport
+    from batchrun.core.job.status import JobStatus
+    from batchrun.core.job.validate import ValidationReport
 
 
 def summary_table(summary: JobSummary) -> Table:

@@ -7,6 +7,11 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+from batchrun.cli.main import cli
+from batchrun.core.sizes import parse_memory
+
 from conftest import SAMPLE_JOBS
 
 
@@ -43,10 +48,64 @@ def test_invalid_input_exits_2_and_names_the_line(tmp_path):
     assert not (tmp_path / "in.out.jsonl").exists()
 
 
-def test_usage_errors_exit_1(tmp_path):
-    assert batchrun("run", SAMPLE_JOBS / "docs_qa.jsonl", "--top-p", "1.5").returncode == 1
-    assert batchrun("run", SAMPLE_JOBS / "docs_qa.jsonl", "--kv-memory", "lots").returncode == 1
-    assert batchrun("run", SAMPLE_JOBS / "docs_qa.jsonl", "--no-such-flag").returncode == 1
+def run_cli(capsys, *args):
+    """The CLI in this process: (exit code, stdout, stderr)."""
+    code = cli([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run"], "Missing argument"),
+        (["run", "x.jsonl", "--no-such-flag"], "No such option: --no-such-flag"),
+        (["run", "x.jsonl", "--device", "gpu"], "'gpu' is not one of"),
+        (["run", "x.jsonl", "--max-tokens", "many"], "Invalid value for '--max-tokens'"),
+        (["frobnicate"], "No such command 'frobnicate'"),
+        (["run", "x.jsonl", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+        (["run", "x.jsonl", "--kv-memory", "lots"], "cannot read memory size 'lots'"),
+        (["run", "x.jsonl", "--kv-memory", "2"], "a bare number is a fraction of free memory"),
+        (["plan", "x.jsonl", "--kv-memory", "8 parsecs"], "cannot read memory size"),
+    ],
+)
+def test_usage_errors_print_one_line_and_exit_1(capsys, args, message):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 1, err
+    assert "Traceback" not in err and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+
+
+def test_bare_batchrun_shows_help_and_version_prints(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 0 and "Usage: batchrun" in out and "run " in out and err == ""
+    code, out, err = run_cli(capsys, "--version")
+    assert code == 0 and out.startswith("batchrun ") and err == ""
+
+
+def test_memory_sizes_in_the_usual_spellings():
+    assert parse_memory("8GiB") == parse_memory("8G") == parse_memory("8g") == 8 * 2**30
+    assert parse_memory("512MB") == 512 * 10**6 and parse_memory("512 MiB") == 512 * 2**20
+    assert parse_memory("0.5") == 0.5 and parse_memory("1") == 1.0
+    for bad in ("2", "0", "-1G", "8 parsecs", "G"):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+def test_help_and_status_do_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from batchrun.cli.main import cli\n"
+        "for args in (['--help'], ['run', '--help'], ['plan', '--help'], ['validate', '--help'],"
+        f" ['status', {str(tmp_path / 'out.jsonl')!r}], ['--version']):\n"
+        "    cli(args)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'datasets'))\n"
+        "print('HEAVY', heavy[:5])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout
 
 
 def test_validate_reports_without_running(tmp_path):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from batchrun.core.engine.config import EngineConfig
-from batchrun.core.engine.engine import Engine, EngineStats
 from batchrun.core.job.rows import Columns, RowResult
 from batchrun.core.planner.plan import ORDER_PLAN, PlanSummary
+
+if TYPE_CHECKING:  # the engine imports torch; `batchrun --help` must not
+    from batchrun.core.engine.engine import Engine, EngineStats
 
 MAX_LISTED_PROBLEMS = 5
 
