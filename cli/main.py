@@ -4,7 +4,7 @@ Exit codes:
   0  every row finished
   1  usage error (bad option or value)
   2  invalid input file or model: nothing was run, nothing written
-  3  finished, but more rows failed than --max-error-rate allows (see <output>.errors.jsonl)
+  3  finished, but more rows failed than --max-error-rate allows (see .<output>.errors.jsonl)
   4  engine failure (the journal keeps every finished row; run again to resume)
   75 the output is locked by another run
 """
@@ -29,6 +29,7 @@ from batchrun.cli.render import plan_tables, status_table, summary_table, valida
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.errors import InputError
 from batchrun.core.job.config import JobConfig
+from batchrun.core.job.io.source import STDIO
 from batchrun.core.job.lock import OutputLocked
 from batchrun.core.job.rows import Columns
 from batchrun.core.params import ParamError, SamplingParams
@@ -314,7 +315,8 @@ def _run(o: SimpleNamespace) -> None:
             err.print_exception()
         raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
     observer.close()
-    out.print(summary_table(summary))
+    # With -o - stdout carries the rows; the summary goes to stderr with the progress.
+    (err if summary.output == STDIO else out).print(summary_table(summary))
     if summary.failed and summary.failed > o.max_error_rate * summary.rows:
         raise typer.Exit(EXIT_ROWS_FAILED)
 

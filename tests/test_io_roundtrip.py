@@ -119,7 +119,7 @@ def test_in_place_replaces_the_input_and_is_rerunnable(tiny_llama, tmp_path, nam
     job(tiny_llama, src, in_place=True)  # generated columns are replaced, not duplicated
     assert src.read_bytes() == first
     # Beside the output only the run's report and lock file remain (no temporaries, no journal).
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", f"{name}.report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.lock", f".{name}.report.json", name]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -135,7 +135,8 @@ def test_n_samples_and_logprobs_columns(tiny_llama, tmp_path, suffix):
     else:
         keys = sorted({k for r in rows for k in r})
         pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in keys}), src)
-    out_path = tmp_path / f"out{suffix}"
+    (tmp_path / "out").mkdir()
+    out_path = tmp_path / "out" / f"out{suffix}"
     run_job(
         JobConfig(input=src, model=tiny_llama, output=out_path, sampling={"max_tokens": 3, "logprobs": 2})
     )
@@ -148,3 +149,14 @@ def test_n_samples_and_logprobs_columns(tiny_llama, tmp_path, suffix):
     assert len(step["top"]) == 2 and step["logprob"] <= 0 and step["top"][0]["logprob"] >= step["logprob"]
     # The second sample of row a read the prompt its first sample computed.
     assert a["cached_prompt_tokens"] > 0
+    # The side files (lock, report, errors) are hidden: folder readers see only the output.
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        f"out{suffix}",
+        f".out{suffix}.lock",
+        f".out{suffix}.report.json",
+        f".out{suffix}.errors.jsonl",
+    }
+    if suffix == ".parquet":
+        import pyarrow.dataset
+
+        assert pyarrow.dataset.dataset(tmp_path / "out", format="parquet").to_table().num_rows == 3

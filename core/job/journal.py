@@ -24,13 +24,12 @@ from typing import IO
 import numpy as np
 
 from batchrun.core.job.rows import RowResult
+from batchrun.core.job.side_files import JOURNAL, side_file
 from batchrun.core.params import SamplingParams
-
-SUFFIX = ".journal.jsonl"
 
 
 def journal_path(output: Path) -> Path:
-    return output.with_name(output.name + SUFFIX)
+    return side_file(output, JOURNAL)
 
 
 def row_key(prompt: np.ndarray, params: SamplingParams, seed: int, model_identity: str) -> str:
@@ -43,7 +42,9 @@ def row_key(prompt: np.ndarray, params: SamplingParams, seed: int, model_identit
 
 
 class Journal:
-    def __init__(self, path: Path, sync_rows: int = 64, sync_seconds: float = 5.0) -> None:
+    """The journal at ``path``; with ``path=None`` (output to stdout) it keeps nothing."""
+
+    def __init__(self, path: Path | None, sync_rows: int = 64, sync_seconds: float = 5.0) -> None:
         self.path = path
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
@@ -56,7 +57,7 @@ class Journal:
         unreadable (a line cut by a crash) or stale (another prompt, params or model)."""
         found: dict[str, RowResult] = {}
         skipped = 0
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return found, 0
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -73,6 +74,8 @@ class Journal:
         return found, skipped
 
     def append(self, row_id: str, key: str, result: RowResult) -> None:
+        if self.path is None:
+            return
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open)
             self._repair_tail()
@@ -97,7 +100,8 @@ class Journal:
 
     def discard(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def _repair_tail(self) -> None:
         """Start on a fresh line if a crash left the last one unfinished."""

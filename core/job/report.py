@@ -1,9 +1,9 @@
 """What a run leaves beside its output for the people and scripts that check on it.
 
-* ``<output>.report.json`` — written when generation starts (``state: running``) and
+* ``.<output>.report.json`` — written when generation starts (``state: running``) and
   rewritten at the end (``done`` or ``failed``): timings per phase, rows ok / failed /
   resumed, tokens, throughput, saving, peak KV, versions, device, model identity, plan.
-* ``<output>.errors.jsonl`` — one line per failed row (``index``, ``id``, ``error``);
+* ``.<output>.errors.jsonl`` — one line per failed row (``index``, ``id``, ``error``);
   removed when a run has no failed row, so a stale one never misleads.
 """
 
@@ -20,18 +20,16 @@ from typing import Any
 from batchrun.core.job.config import JobSummary
 from batchrun.core.job.io.atomic import atomic_file
 from batchrun.core.job.rows import Row, RowResult
+from batchrun.core.job.side_files import ERRORS, REPORT, side_file
 from batchrun.core.planner.plan import PlanSummary
-
-REPORT_SUFFIX = ".report.json"
-ERRORS_SUFFIX = ".errors.jsonl"
 
 
 def report_path(output: Path) -> Path:
-    return output.with_name(output.name + REPORT_SUFFIX)
+    return side_file(output, REPORT)
 
 
 def errors_path(output: Path) -> Path:
-    return output.with_name(output.name + ERRORS_SUFFIX)
+    return side_file(output, ERRORS)
 
 
 def versions() -> dict[str, str]:
@@ -47,8 +45,8 @@ def versions() -> dict[str, str]:
 
 
 class RunReport:
-    def __init__(self, output: Path, input: Path, model: Path) -> None:
-        self.path = report_path(output)
+    def __init__(self, output: Path | None, input: Path, model: Path) -> None:
+        self.path = report_path(output) if output is not None else None  # None: keep no file
         self.device = "unknown"
         self.data: dict[str, Any] = {
             "state": "starting",
@@ -96,6 +94,8 @@ class RunReport:
         self._write()
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         with atomic_file(self.path) as tmp:
             tmp.write_text(json.dumps(self.data, indent=2))
 

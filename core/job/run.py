@@ -15,7 +15,7 @@ from pathlib import Path
 
 from batchrun.core.engine.engine import Completion, EngineStats, build_engine
 from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig, JobObserver, JobSummary
-from batchrun.core.job.io import OutputContext, PromptSource, open_source
+from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
 from batchrun.core.job.journal import Journal, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
@@ -54,12 +54,14 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     source = open_source(config.input, config.columns)
     output = output_path(config, source)
     check_writable(output)
-    if is_locked(output):  # fail fast, before reading a large file; the lock below decides
+    if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
     # A bad file fails here, having written nothing.
     rows = read_rows(source, job_defaults(config.model, config.sampling))
     if config.strict:
         refuse_invalid_rows(source, rows)
+    if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
+        return _run_locked(config, observer, source, output, rows, time.perf_counter() - started)
     with output_lock(output):
         remove_stale_temporaries(output)
         return _run_locked(config, observer, source, output, rows, time.perf_counter() - started)
@@ -75,13 +77,16 @@ def _run_locked(
 ) -> JobSummary:
     timer = PhaseTimer({"read": read_s})
     lap, seconds = timer.lap, timer.seconds
-    report = RunReport(output, config.input, config.model)
+    side_files = output != STDIO
+    report = RunReport(output if side_files else None, config.input, config.model)
 
     observer.phase("tokenizing")
     tokenizer, prompts, _, _ = tokenize_for(config.model, rows)
+    if config.strict:  # rows over the context or failing the chat template count too
+        refuse_invalid_rows(source, rows)
     lap("tokenize")
 
-    journal = Journal(journal_path(output))
+    journal = Journal(journal_path(output) if side_files else None)
     if config.restart:
         journal.discard()
     identity = model_identity(config.model)
@@ -119,7 +124,8 @@ def _run_locked(
         observer.phase("writing")
         context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
         source.write(output, results, context)
-        write_errors(output, rows, results)
+        if side_files:
+            write_errors(output, rows, results)
         lap("write")
     except BaseException as exc:  # the journal keeps every finished row for the next run
         journal.close()

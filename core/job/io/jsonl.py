@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from batchrun.core.errors import InputError
 from batchrun.core.job.io.atomic import atomic_file
-from batchrun.core.job.io.source import OutputContext, PromptSource
+from batchrun.core.job.io.source import STDIO, OutputContext, PromptSource
 from batchrun.core.job.rows import GENERATED_COLUMNS, ROW_PROBLEM, Columns, RowResult
 
 
@@ -33,6 +34,11 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _write_lines(path: Path, lines: Iterator[dict[str, Any]]) -> None:
+    if path == STDIO:
+        for obj in lines:
+            sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
     with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for obj in lines:
             out.write(json.dumps(obj, ensure_ascii=False))
