@@ -78,6 +78,13 @@ ModelOpt = Annotated[
 PromptColumn = Annotated[str, typer.Option(help="Field holding a raw text prompt.")]
 MessagesColumn = Annotated[str, typer.Option(help="Field holding a chat (list of {role, content}).")]
 IdColumn = Annotated[str, typer.Option(help="Field holding the row id (default: the row number).")]
+OutputPrefix = Annotated[
+    str,
+    typer.Option(
+        help="Prefix for the columns batchrun adds (output, error, ...), e.g. gen_ when the input "
+        "already has an 'output' column of its own."
+    ),
+]
 
 
 def version() -> str:
@@ -181,6 +188,7 @@ def run(
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
+    output_prefix: OutputPrefix = "",
     block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
     token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,
     kv_memory: Annotated[
@@ -287,7 +295,7 @@ def _run(o: SimpleNamespace) -> None:
         model=o.model,
         output=o.output,
         in_place=o.in_place,
-        columns=Columns(o.prompt_column, o.messages_column, o.id_column),
+        columns=Columns(o.prompt_column, o.messages_column, o.id_column, o.output_prefix),
         sampling=sampling,
         seed=o.seed,
         device=o.device.value,
@@ -331,6 +339,7 @@ def validate(
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
+    output_prefix: OutputPrefix = "",
 ) -> None:
     """Check a prompt file (format, fields, ids, token lengths) without running anything."""
     from batchrun.core.job.validate import validate_file
@@ -338,7 +347,9 @@ def validate(
     quiet_libraries()
     sampling = sampling_overrides(max_tokens=max_tokens)
     try:
-        report = validate_file(input, Columns(prompt_column, messages_column, id_column), model, sampling)
+        report = validate_file(
+            input, Columns(prompt_column, messages_column, id_column, output_prefix), model, sampling
+        )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None
     out.print(validation_table(report))
@@ -368,6 +379,7 @@ def plan_command(
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
+    output_prefix: OutputPrefix = "",
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
     from batchrun.core.job.plan_command import plan_job
@@ -385,7 +397,7 @@ def plan_command(
         report, plan = plan_job(
             input,
             model,
-            columns=Columns(prompt_column, messages_column, id_column),
+            columns=Columns(prompt_column, messages_column, id_column, output_prefix),
             sampling=sampling,
             block_size=block_size,
             kv_memory=budget,

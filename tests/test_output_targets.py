@@ -85,3 +85,31 @@ def test_stdin_to_stdout(capsys, monkeypatch, prompts, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no side files anywhere
     code, out, err = run_cli(capsys, "run", SAMPLE_JOBS / "docs_qa.parquet", "-o", "-")
     assert code == 2 and "-o - writes JSONL to stdout" in " ".join(err.split())
+
+
+def test_an_input_column_batchrun_would_overwrite_is_refused_or_prefixed(capsys, tmp_path):
+    src = tmp_path / "alpaca.jsonl"
+    rows = [{"prompt": "Name a colour.", "output": "Blue."}, {"prompt": "Name a fruit.", "output": "Fig."}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    message = refused(capsys, "run", src)
+    assert f"{src}:1: input column(s) 'output' would be overwritten" in message
+    assert "--output-prefix gen_" in message and not (tmp_path / "alpaca.out.jsonl").exists()
+    for _ in range(2):  # the second run replaces its own gen_ columns and keeps the reference answers
+        code, _, err = run_cli(
+            capsys, "run", src, "--in-place", "--output-prefix", "gen_", "--max-tokens", "2"
+        )
+        assert code == 0, err
+        out = [json.loads(line) for line in src.read_text().splitlines()]
+        assert [o["output"] for o in out] == ["Blue.", "Fig."]
+        assert all(o["gen_output_tokens"] == 2 and o["gen_error"] is None for o in out)
+        assert "gen_logprobs" not in out[0] and "error" not in out[0]
+
+
+def test_a_parquet_error_column_is_refused(capsys, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": ["Hi"], "error": ["annotator typo"], "logprobs": [2]}), src)
+    message = refused(capsys, "validate", src)
+    assert "input column(s) 'error' would be overwritten" in message  # logprobs = 2 is a row option

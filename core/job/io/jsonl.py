@@ -11,7 +11,7 @@ from typing import Any
 from batchrun.core.errors import InputError
 from batchrun.core.job.io.atomic import atomic_file
 from batchrun.core.job.io.source import STDIO, OutputContext, PromptSource
-from batchrun.core.job.rows import GENERATED_COLUMNS, ROW_PROBLEM, Columns, RowResult
+from batchrun.core.job.rows import GENERATED_COLUMNS, ROW_PROBLEM, Columns, RowResult, earlier_run_columns
 
 
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -58,14 +58,21 @@ class JsonlSource(PromptSource):
     format_name = "jsonl"
 
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        generated = {self.columns.generated(name) for name in GENERATED_COLUMNS}
         for line_no, obj in iter_json_objects(self.path):
+            names = {k: isinstance(v, int) or v is None for k, v in obj.items()}
+            if earlier_run_columns(f"{self.path}:{line_no}", names, self.columns):
+                obj = {k: v for k, v in obj.items() if k not in generated}  # replaced, not read
             yield f"line {line_no}", obj
 
     def write(self, output: Path, results: Sequence[RowResult], context: OutputContext) -> None:
+        prefix = self.columns.output_prefix
+        generated = {prefix + name for name in GENERATED_COLUMNS}
+
         def merged() -> Iterator[dict[str, Any]]:
             for (_, obj), result in zip(iter_json_objects(self.path), results, strict=True):
-                kept = {k: v for k, v in obj.items() if k not in GENERATED_COLUMNS}
-                yield kept | result.columns(context.shape)
+                kept = {k: v for k, v in obj.items() if k not in generated}
+                yield kept | result.columns(context.shape, prefix)
 
         _write_lines(output, merged())
 
