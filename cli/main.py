@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import typing
 from enum import Enum
 from pathlib import Path
 from types import SimpleNamespace
@@ -236,34 +237,66 @@ def run(
 ) -> None:
     # Must stay the first statement: it collects exactly the parameters.
     options = {name: value for name, value in locals().items() if name != "ctx"}
-    if is_job_file(input):
+    _run(with_job_file(ctx, run, options))
+
+
+def with_job_file(ctx: typer.Context, command: Any, options: dict[str, Any]) -> SimpleNamespace:
+    """``command``'s options as attributes; when INPUT is a TOML job file, with its settings
+    under the ones given on the command line."""
+    if is_job_file(options["input"]):
         try:
-            options |= job_file_options(ctx, input, options)
+            options = options | job_file_options(ctx, options["input"], command, options)
         except InputError as exc:
             raise fail(EXIT_INPUT, str(exc)) from None
-    _run(SimpleNamespace(**options))
+    return SimpleNamespace(**options)
 
 
-def job_file_options(ctx: typer.Context, path: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """The job file's settings that the command line does not override, typed like the options."""
+def job_file_options(ctx: typer.Context, path: Path, command: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The job file's settings that ``command`` takes and the command line does not override,
+    typed and checked like the options (a bad value names the file: exit 2). A job file may
+    hold any of ``run``'s options; ``plan`` and ``validate`` use those they share with it."""
+    hints = typing.get_type_hints(command)
     chosen = {}
-    for key, value in read_job_file(path, allowed=set(options)).items():
+    for key, value in read_job_file(path, allowed=set(typing.get_type_hints(run)) - {"ctx"}).items():
+        if key not in options:
+            continue  # a run option another command does not take
         source = ctx.get_parameter_source(key)
         if key != "input" and getattr(source, "name", None) == "COMMANDLINE":
             continue
-        default = options[key]
         try:
-            if isinstance(default, Enum):
-                value = type(default)(value)
-            elif isinstance(default, bool) and not isinstance(value, bool):
-                raise TypeError("true or false")
-            elif isinstance(default, (int, float)) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TypeError("a number")
+            chosen[key] = _checked_option(key, value, hints[key])
         except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: {key} = {value!r} is not valid ({exc})") from None
-        chosen[key] = value
     return chosen
+
+
+def _checked_option(key: str, value: Any, hint: Any) -> Any:
+    """``value`` from a job file as option ``key`` of type ``hint`` would be, or an error."""
+    kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        return kind(value)
+    if kind is Path:
+        return value  # read_job_file resolved it
+    if kind is bool and not isinstance(value, bool):
+        raise TypeError("expected true or false")
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise TypeError(f"expected {'an integer' if kind is int else 'a number'}")
+    if kind is int and not isinstance(value, int):
+        raise TypeError("expected an integer")
+    if kind is str and not isinstance(value, str):
+        raise TypeError("expected a string")
+    if key in SAMPLING_OPTIONS:
+        SamplingParams().with_overrides({key: value})
+    elif key == "kv_memory":
+        parse_memory(value)
+    elif key == "max_error_rate" and not 0.0 <= value <= 1.0:
+        raise ValueError("must be in [0, 1]")
+    elif key in ("block_size", "token_budget", "top") and value < (0 if key == "top" else 1):
+        raise ValueError(f"must be >= {0 if key == 'top' else 1}")
+    return value
+
+
+SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "n", "logprobs")
 
 
 def _run(o: SimpleNamespace) -> None:
@@ -331,7 +364,8 @@ def _run(o: SimpleNamespace) -> None:
 
 @app.command()
 def validate(
-    input: Annotated[Path, typer.Argument(help="Prompt file to check.")],
+    ctx: typer.Context,
+    input: Annotated[Path, typer.Argument(help="Prompt file to check (or a run's TOML job file).")],
     model: Annotated[
         Path | None, typer.Option(help="Also tokenize with this checkpoint and check context lengths.")
     ] = None,
@@ -342,14 +376,14 @@ def validate(
     output_prefix: OutputPrefix = "",
 ) -> None:
     """Check a prompt file (format, fields, ids, token lengths) without running anything."""
+    o = with_job_file(ctx, validate, {name: value for name, value in locals().items() if name != "ctx"})
     from batchrun.core.job.validate import validate_file
 
     quiet_libraries()
-    sampling = sampling_overrides(max_tokens=max_tokens)
+    sampling = sampling_overrides(max_tokens=o.max_tokens)
+    columns = Columns(o.prompt_column, o.messages_column, o.id_column, o.output_prefix)
     try:
-        report = validate_file(
-            input, Columns(prompt_column, messages_column, id_column, output_prefix), model, sampling
-        )
+        report = validate_file(o.input, columns, o.model, sampling)
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None
     out.print(validation_table(report))
@@ -359,7 +393,8 @@ def validate(
 
 @app.command("plan")
 def plan_command(
-    input: Annotated[Path, typer.Argument(help="Prompt file, as for run.")],
+    ctx: typer.Context,
+    input: Annotated[Path, typer.Argument(help="Prompt file (or a run's TOML job file), as for run.")],
     model: ModelOpt = BUNDLED_MODEL,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON document instead of tables.")
@@ -382,39 +417,40 @@ def plan_command(
     output_prefix: OutputPrefix = "",
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
+    o = with_job_file(ctx, plan_command, {name: value for name, value in locals().items() if name != "ctx"})
     from batchrun.core.job.plan_command import plan_job
     from batchrun.core.job.plan_file import save_plan
 
-    quiet_libraries()
-    if block_size < 1 or top < 0:
+    if o.block_size < 1 or o.top < 0:
         raise fail(EXIT_USAGE, "--block-size must be >= 1 and --top >= 0")
     try:
-        budget = parse_memory(kv_memory) if kv_memory else None
+        budget = parse_memory(o.kv_memory) if o.kv_memory else None
     except ValueError as exc:
         raise fail(EXIT_USAGE, str(exc)) from None
-    sampling = sampling_overrides(max_tokens=max_tokens)
+    sampling = sampling_overrides(max_tokens=o.max_tokens)
+    quiet_libraries()
     try:
         report, plan = plan_job(
-            input,
-            model,
-            columns=Columns(prompt_column, messages_column, id_column, output_prefix),
+            o.input,
+            o.model,
+            columns=Columns(o.prompt_column, o.messages_column, o.id_column, o.output_prefix),
             sampling=sampling,
-            block_size=block_size,
+            block_size=o.block_size,
             kv_memory=budget,
-            top=top,
+            top=o.top,
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None
-    if save is not None:
-        save_plan(plan, save, input, model.name)
-    if json_output:
-        document = report.to_json() | {"saved_to": str(save) if save else None}
+    if o.save is not None:
+        save_plan(plan, o.save, o.input, o.model.name)
+    if o.json_output:
+        document = report.to_json() | {"saved_to": str(o.save) if o.save else None}
         print(json.dumps(document, indent=2))
         return
     for renderable in plan_tables(report):
         out.print(renderable)
-    if save is not None:
-        out.print(f"plan saved to {save}; run it with: batchrun run {input} --plan {save}")
+    if o.save is not None:
+        out.print(f"plan saved to {o.save}; run it with: batchrun run {o.input} --plan {o.save}")
 
 
 @app.command()

@@ -122,3 +122,35 @@ def test_help_documents_exit_codes():
     assert "75 the output is locked" in done.stdout
     run_help = batchrun("run", "--help")
     assert run_help.returncode == 0 and "75 the output is locked" in run_help.stdout
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('max_tokens = "4"', "max_tokens = '4' is not valid (expected an integer)"),
+        ("max_tokens = -3", "max_tokens = -3 is not valid (max_tokens must be >= 1"),
+        ("top_p = 1.5", "top_p = 1.5 is not valid (top_p must be in (0, 1]"),
+        ('kv_memory = "2"', "kv_memory = '2' is not valid (a bare number is a fraction"),
+        ("strict = 1", "strict = 1 is not valid (expected true or false)"),
+        ('device = "gpu"', "device = 'gpu' is not valid"),
+    ],
+)
+def test_job_file_values_are_checked_and_name_the_file(capsys, tmp_path, line, message):
+    job = tmp_path / "nightly.toml"
+    job.write_text(f'input = "in.jsonl"\n{line}\n')
+    code, out, err = run_cli(capsys, "run", job)
+    assert code == 2, err
+    assert f"{job}: {message}" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_plan_and_validate_accept_run_job_files(capsys, tmp_path):
+    shutil.copy(SAMPLE_JOBS / "docs_qa.jsonl", tmp_path / "in.jsonl")
+    job = tmp_path / "nightly.toml"
+    model = SAMPLE_JOBS / "models" / "tiny-llama"
+    job.write_text(f'input = "in.jsonl"\nmodel = "{model}"\nmax_tokens = 3\nlog_every = 60\nstrict = true\n')
+    code, out, err = run_cli(capsys, "validate", job)
+    assert code == 0, err
+    assert "12 (12 valid)" in out and "prompt tokens" in out  # the job file's model tokenized it
+    code, out, err = run_cli(capsys, "plan", job, "--json")
+    assert code == 0, err
+    assert json.loads(out)["rows"] == 12 and json.loads(out)["input"] == str(tmp_path / "in.jsonl")
