@@ -7,6 +7,7 @@ Exit codes:
   3  finished, but more rows failed than --max-error-rate allows (see .<output>.errors.jsonl)
   4  engine failure (the journal keeps every finished row; run again to resume)
   75 the output is locked by another run
+  130 interrupted (Ctrl-C); the journal keeps every finished row: run again to resume
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from batchrun.cli.progress import ConsoleObserver
 from batchrun.cli.render import plan_tables, status_table, summary_table, validation_table
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.errors import InputError
-from batchrun.core.job.config import JobConfig
+from batchrun.core.job.config import BUNDLED_MODEL, SAMPLE_JOBS, JobConfig
 from batchrun.core.job.io.source import STDIO
 from batchrun.core.job.lock import OutputLocked
 from batchrun.core.job.rows import Columns
@@ -43,7 +44,7 @@ from batchrun.core.sizes import SIZE_HELP, parse_memory
 # "\b" keeps click from re-flowing the exit-code table into one paragraph.
 EXIT_CODES_HELP = "\b\n" + __doc__.split("\n", 2)[2]
 EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_ROWS_FAILED, EXIT_ENGINE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" / "tiny-llama"
+EXIT_INTERRUPTED = 130  # Ctrl-C / SIGINT, as shells report it
 
 app = typer.Typer(
     help=f"Offline, large-batch LLM inference with global prefix sharing.\n\n{EXIT_CODES_HELP}",
@@ -341,6 +342,13 @@ def _run(o: SimpleNamespace) -> None:
         restart=o.restart,
     )
     quiet_libraries()
+    if o.model.resolve() == BUNDLED_MODEL and not o.input.resolve().is_relative_to(SAMPLE_JOBS):
+        err.print(
+            f"[bold yellow]warning:[/] using the bundled demo model {BUNDLED_MODEL}: it has RANDOM "
+            "weights and writes gibberish. Pass --model /path/to/checkpoint for real output.",
+            highlight=False,
+            soft_wrap=True,
+        )
     observer = ConsoleObserver(err, log_every=o.log_every, json_lines=o.log_json)
     try:
         summary = run_job(config, observer)
@@ -350,16 +358,30 @@ def _run(o: SimpleNamespace) -> None:
     except InputError as exc:
         observer.close()
         raise fail(EXIT_INPUT, str(exc)) from None
+    except KeyboardInterrupt:
+        observer.close()
+        raise fail(EXIT_INTERRUPTED, f"interrupted; {resume_hint(observer)}") from None
     except Exception as exc:
         observer.close()
         if err.is_terminal:
             err.print_exception()
-        raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
+        message = f"engine failure: {type(exc).__name__}: {exc}; {resume_hint(observer)}"
+        raise fail(EXIT_ENGINE, message) from None
     observer.close()
     # With -o - stdout carries the rows; the summary goes to stderr with the progress.
     (err if summary.output == STDIO else out).print(summary_table(summary))
     if summary.failed and summary.failed > o.max_error_rate * summary.rows:
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def resume_hint(observer: ConsoleObserver) -> str:
+    journaled, journal = observer.stopped_at or (0, None)
+    if journal is None:
+        return "no finished row was kept; run the same command again to start over"
+    return (
+        f"{journaled} finished row(s) are kept in {journal}; run the same command again to "
+        "resume (they are not generated again)"
+    )
 
 
 @app.command()
@@ -453,14 +475,28 @@ def plan_command(
         out.print(f"plan saved to {o.save}; run it with: batchrun run {o.input} --plan {o.save}")
 
 
-@app.command()
+@app.command(
+    help="Progress of a job from its lock, journal and report: running, interrupted, done or "
+    "failed.\n\n\b\nExit codes (for monitoring):\n"
+    "  0  done\n"
+    "  4  failed (run the same command again to resume)\n"
+    "  5  interrupted: killed or Ctrl-C (run it again to resume)\n"
+    "  6  running\n"
+    "  7  not started (nothing beside OUTPUT)\n"
+    "  8  no report (an output or journal without its report)\n"
+)
 def status(
     output: Annotated[Path, typer.Argument(help="The output path of a job (running, interrupted or done).")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Progress of a job from its lock, journal and report: running, interrupted, done or failed."""
-    from batchrun.core.job.status import job_status
+    from batchrun.core.job.status import STATE_EXIT_CODES, job_status, status_json
 
-    out.print(status_table(job_status(output)))
+    state = job_status(output)
+    if json_output:
+        print(json.dumps(status_json(state), indent=2))
+    else:
+        out.print(status_table(state))
+    raise typer.Exit(STATE_EXIT_CODES[state.state])
 
 
 def cli(args: list[str] | None = None) -> int:

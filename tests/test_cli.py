@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from batchrun.cli import main
 from batchrun.cli.main import cli
 from batchrun.core.sizes import parse_memory
 
@@ -49,8 +50,13 @@ def test_invalid_input_exits_2_and_names_the_line(tmp_path):
 
 
 def run_cli(capsys, *args):
-    """The CLI in this process: (exit code, stdout, stderr)."""
-    code = cli([str(a) for a in args])
+    """The CLI in this process: (exit code, stdout, stderr); tables are not wrapped."""
+    width = main.out.width
+    main.out.width = 400
+    try:
+        code = cli([str(a) for a in args])
+    finally:
+        main.out.width = width
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 

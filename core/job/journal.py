@@ -51,6 +51,7 @@ class Journal:
         self._file: IO[str] | None = None
         self._unsynced = 0
         self._last_sync = time.monotonic()
+        self.appended = 0  # rows this run wrote
 
     def read(self, keys: dict[str, str]) -> tuple[dict[str, RowResult], int]:
         """Results of rows whose journaled key equals ``keys[id]``; and how many lines were
@@ -82,6 +83,7 @@ class Journal:
         line = json.dumps({"id": row_id, "key": key, "result": asdict(result)}, ensure_ascii=False)
         self._file.write(line + "\n")
         self._file.flush()
+        self.appended += 1
         self._unsynced += 1
         if self._unsynced >= self.sync_rows or time.monotonic() - self._last_sync >= self.sync_seconds:
             self.sync()

@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from batchrun.core.job.config import JobSummary
+from batchrun.core.job.config import JobSummary, RunInfo
 from batchrun.core.job.io.atomic import atomic_file
 from batchrun.core.job.rows import Row, RowResult
 from batchrun.core.job.side_files import ERRORS, REPORT, side_file
@@ -68,8 +68,22 @@ class RunReport:
         }
         self._write()
 
-    def failed(self, error: str, seconds: dict[str, float]) -> None:
-        self.data |= {"state": "failed", "error": error, "seconds": seconds, "device": self.device}
+    def run_info(self, info: RunInfo) -> None:
+        self.data["run"] = asdict(info)
+        self._write()
+
+    def failed(
+        self, error: str, seconds: dict[str, float], journaled: int = 0, state: str = "failed"
+    ) -> None:
+        """The run stopped early: ``state`` is "failed" or "interrupted"; ``journaled`` rows are
+        kept for the next run."""
+        self.data |= {
+            "state": state,
+            "error": error,
+            "seconds": seconds,
+            "device": self.device,
+            "rows_journaled": journaled,
+        }
         self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._write()
 
@@ -85,7 +99,9 @@ class RunReport:
             "resumed": summary.resumed,
             "prompt_tokens": summary.prompt_tokens,
             "output_tokens": summary.output_tokens,
-            "output_tokens_per_s": summary.output_tokens / generate_s if generate_s else 0.0,
+            "generated_output_tokens": summary.generated_output_tokens,
+            # this run's throughput: rows resumed from an earlier run are not counted
+            "output_tokens_per_s": summary.generated_output_tokens / generate_s if generate_s else 0.0,
             "seconds": summary.seconds,
             "engine": summary.engine.to_dict() if summary.engine else None,
             "plan": asdict(summary.plan) | {"saving": summary.plan.saving},

@@ -13,8 +13,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from batchrun.core.engine.engine import Completion, EngineStats, build_engine
-from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig, JobObserver, JobSummary
+from batchrun.core.engine.engine import Completion, Engine, EngineStats, build_engine
+from batchrun.core.job.config import (
+    BUNDLED_MODEL,
+    MAX_LISTED_PROBLEMS,
+    JobConfig,
+    JobObserver,
+    JobSummary,
+    RunInfo,
+    StepStats,
+)
 from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
 from batchrun.core.job.journal import Journal, journal_path, row_key
@@ -30,7 +38,7 @@ from batchrun.core.job.prepare import (
     rows_by_id,
     tokenize_for,
 )
-from batchrun.core.job.report import RunReport, write_errors
+from batchrun.core.job.report import RunReport, errors_path, write_errors
 from batchrun.core.job.requests import make_requests, most_kv_tokens
 from batchrun.core.job.results import output_shape, row_result
 from batchrun.core.job.rows import Row, RowResult
@@ -117,8 +125,10 @@ def _run_locked(
         lap("load")
 
         observer.phase("generating")
-        observer.started(len(rows))
-        results, stats = generate(config, loaded, rows, prompts, plan, observer, journal, keys, resumed)
+        observer.started(len(rows), plan.summary.computed_tokens, plan.summary.expected_output_tokens)
+        results, stats = generate(
+            config, loaded, rows, prompts, plan, observer, journal, keys, resumed, report
+        )
         lap("generate")
 
         observer.phase("writing")
@@ -129,10 +139,15 @@ def _run_locked(
         lap("write")
     except BaseException as exc:  # the journal keeps every finished row for the next run
         journal.close()
-        report.failed(f"{type(exc).__name__}: {exc}", seconds)
+        journaled = len(resumed) + journal.appended
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = "interrupted (Ctrl-C / SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}"
+        report.failed(reason, seconds, journaled, state="interrupted" if interrupted else "failed")
+        observer.stopped(journaled, journal.path if journaled else None)
         raise
 
     errors = [r.error for r in results if r.error]
+    resumed_tokens = sum(resumed[row.id].output_tokens for row in rows if row.id in resumed)
     summary = JobSummary(
         input=config.input,
         output=output,
@@ -141,10 +156,12 @@ def _run_locked(
         resumed=len(resumed),
         prompt_tokens=sum(r.prompt_tokens for r in results),
         output_tokens=sum(r.output_tokens for r in results),
+        generated_output_tokens=sum(r.output_tokens for r in results) - resumed_tokens,
         seconds=seconds,
         engine=stats,
         plan=plan.summary,
         errors=errors[:MAX_LISTED_PROBLEMS],
+        errors_file=errors_path(output) if errors and side_files else None,
     )
     report.finished(summary)
     journal.discard()  # the output now holds every row; the report says the job is done
@@ -161,6 +178,7 @@ def generate(
     journal: Journal | None = None,
     keys: dict[str, str] | None = None,
     resumed: dict[str, RowResult] | None = None,
+    report: RunReport | None = None,
 ) -> tuple[list[RowResult], EngineStats | None]:
     """Run every planned row through the engine; invalid rows get their error record and
     journaled rows their journaled result. Each finished row is journaled at once."""
@@ -168,17 +186,21 @@ def generate(
     for row in rows:
         if row.error:
             results[row.index] = RowResult.failed(row.error)
+            observer.row_finished(results[row.index])
         elif resumed and row.id in resumed:
             results[row.index] = resumed[row.id]
-        else:
-            continue
-        observer.row_finished(results[row.index])
+    if resumed:
+        observer.rows_resumed(len(resumed))
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
     if requests:
         assert loaded is not None, "rows to generate but no model loaded"
         engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
         observer.engine_started(engine)
+        info = run_info(config, loaded, engine)
+        observer.run_info(info)
+        if report is not None:
+            report.run_info(info)
         pending: dict[int, list[Completion]] = {}
         for completion in engine.generate(requests):
             index = completion.request_id
@@ -190,6 +212,7 @@ def generate(
             if journal is not None and keys is not None and result.error is None:
                 journal.append(rows[index].id, keys[rows[index].id], result)
             observer.row_finished(result)
+            observer.step(step_stats(engine))  # until the engine reports each step itself
         stats = engine.stats
     if journal is not None:
         journal.sync()
@@ -197,3 +220,40 @@ def generate(
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
     return results, stats  # type: ignore[return-value]
+
+
+def step_stats(engine: Engine) -> StepStats:
+    stats, pool = engine.stats, engine.pool
+    return StepStats(
+        stats.prefill_tokens,
+        stats.decode_tokens,
+        stats.steps,
+        pool.num_used,
+        pool.num_blocks,
+        stats.live_saving,
+    )
+
+
+def run_info(config: JobConfig, loaded: LoadedModel, engine: Engine) -> RunInfo:
+    """Model, device, dtype, sampling and KV of this run, for the log and the report."""
+    defaults = job_defaults(config.model, config.sampling)
+    if defaults.greedy:
+        sampling = "greedy"
+    else:
+        sampling = f"temperature={defaults.temperature} top_p={defaults.top_p} top_k={defaults.top_k}"
+    if defaults.n > 1:
+        sampling += f" n={defaults.n}"
+    architectures = getattr(loaded.model.config, "architectures", None) or ["unknown"]
+    blocks, block_size = engine.pool.num_blocks, engine.stats.block_size
+    return RunInfo(
+        model=str(config.model),
+        architecture=architectures[0],
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        sampling=sampling,
+        max_tokens=defaults.max_tokens,
+        kv_blocks=blocks,
+        block_size=block_size,
+        kv_bytes=blocks * engine.scheduler.spec.bytes_per_block,
+        bundled_model=config.model.resolve() == BUNDLED_MODEL,
+    )
