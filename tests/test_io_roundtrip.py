@@ -77,6 +77,48 @@ def test_openai_batch_output_format(tiny_llama, tmp_path):
     usage = body["usage"]
     assert usage["completion_tokens"] == requests[0]["body"]["max_tokens"]  # the row's own limit wins
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # vLLM run-batch's line shape; every id is unique (not a row number repeated across batches)
+    assert list(first) == ["id", "custom_id", "response", "error"]
+    assert list(first["response"]) == ["status_code", "request_id", "body"]
+    assert sum(o["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for o in out) > 0
+    ids = [o["id"] for o in out] + [o["response"]["request_id"] for o in out]
+    job(tiny_llama, src, output=tmp_path / "again.jsonl")
+    ids += [o["id"] for o in read_jsonl(tmp_path / "again.jsonl")]
+    assert len(set(ids)) == len(ids)
+
+
+def test_openai_batch_body_options(tiny_llama, tmp_path):
+    src = tmp_path / "b.jsonl"
+    chat = "/v1/chat/completions"
+    parts = [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]
+    bodies = [
+        {
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": 2,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2, "temperature": 1.0},
+        {"messages": [{"role": "user", "content": "Hi"}], "presence_penalty": 0.5},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}},
+    ]
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": chat, "body": b} for i, b in enumerate(bodies)]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    job(tiny_llama, src)
+    parts_row, samples, penalty, image, response_format = read_jsonl(tmp_path / "b.out.jsonl")
+    choice = parts_row["response"]["body"]["choices"][0]
+    assert isinstance(choice["message"]["content"], str) and parts_row["error"] is None
+    top = choice["logprobs"]["content"][0]
+    assert top["token"].startswith("token_id:") and len(top["top_logprobs"]) == 2
+    assert [c["index"] for c in samples["response"]["body"]["choices"]] == [0, 1]
+    for line, text in [
+        (penalty, "body.presence_penalty = 0.5 is not supported"),
+        (image, "'image_url' part; only text parts are supported"),
+        (response_format, "body.response_format"),
+    ]:
+        assert line["response"]["status_code"] == 400 and line["response"]["body"] is None
+        assert text in line["error"]
 
 
 def test_openai_batch_unsupported_request_is_a_row_error(tiny_llama, tmp_path):
@@ -96,8 +138,8 @@ def test_openai_batch_unsupported_request_is_a_row_error(tiny_llama, tmp_path):
     assert summary.failed == 1
     assert out[0]["response"]["body"]["object"] == "text_completion"
     assert "text" in out[0]["response"]["body"]["choices"][0]
-    assert out[1]["response"] is None and "/v1/embeddings" in out[1]["error"]["message"]
-    assert "line 2" in out[1]["error"]["message"]
+    assert out[1]["response"]["body"] is None and out[1]["response"]["status_code"] == 400
+    assert "/v1/embeddings" in out[1]["error"] and "line 2" in out[1]["error"]
 
 
 def test_datasets_folder(tiny_llama, tmp_path):
