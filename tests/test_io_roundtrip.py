@@ -202,3 +202,16 @@ def test_n_samples_and_logprobs_columns(tiny_llama, tmp_path, suffix):
         import pyarrow.dataset
 
         assert pyarrow.dataset.dataset(tmp_path / "out", format="parquet").to_table().num_rows == 3
+
+
+def test_pandas_style_float_columns_of_integers_are_accepted(tiny_llama, tmp_path):
+    # pandas turns an optional integer column into float64 (2.0, NaN -> null); 2.5 stays an error
+    src = tmp_path / "in.parquet"
+    table = pa.table(
+        {"prompt": ["a b", "c d", "e f"], "max_tokens": [2.0, None, 2.5], "seed": [1.0, 2.0, 3.0]}
+    )
+    pq.write_table(table, src)
+    summary = job(tiny_llama, src)
+    out = pq.read_table(tmp_path / "in.out.parquet").to_pylist()
+    assert [o["output_tokens"] for o in out[:2]] == [2, 4] and summary.failed == 1
+    assert "max_tokens must be an integer, got 2.5" in out[2]["error"]

@@ -156,6 +156,8 @@ def parse_row(
         row.prompt, row.messages = _prompt_of(fields, columns)
         row.params = defaults.with_overrides({k: fields.get(k) for k in ROW_PARAM_KEYS})
         row.expected_tokens = fields.get(EXPECTED_TOKENS)
+        if isinstance(row.expected_tokens, float) and row.expected_tokens.is_integer():
+            row.expected_tokens = int(row.expected_tokens)  # a pandas-written optional int column
         if row.expected_tokens is not None:
             check_int(EXPECTED_TOKENS, row.expected_tokens, minimum=0)
     except (ParamError, TypeError) as exc:
