@@ -1,288 +1,80 @@
-"""The ``batchrun`` command line. It builds typed configs and renders; the core does the work.
-
-Exit codes:
-  0  every row finished
-  1  usage error (bad option or value)
-  2  invalid input file or model: nothing was run, nothing written
-  3  finished, but more rows failed than --max-error-rate allows (see <output>.errors.jsonl)
-  4  engine failure (the journal keeps every finished row; run again to resume)
-  75 the output is locked by another run
-"""
+"""The ``batchrun`` command line. It builds typed configs and renders; the core does the work."""
 
 from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Annotated, Any
+from typing import Annotated
 
-import click
 import typer
-from rich.console import Console
+from typer.exceptions import TyperException
 
-from batchrun.cli.job_file import is_job_file, read_job_file
-from batchrun.cli.progress import ConsoleObserver
-from batchrun.cli.render import plan_tables, status_table, summary_table, validation_table
-from batchrun.core.engine.config import EngineConfig
+from batchrun.cli.common import (
+    EXIT_CODES_HELP,
+    EXIT_INPUT,
+    EXIT_OK,
+    EXIT_ROWS_FAILED,
+    EXIT_USAGE,
+    ChatTemplate,
+    ChatTemplateKwargs,
+    IdColumn,
+    MessagesColumn,
+    ModelOpt,
+    OutputPrefix,
+    PromptColumn,
+    err,
+    fail,
+    out,
+    parse_template_kwargs,
+    quiet_libraries,
+    read_chat_template,
+    sampling_overrides,
+    version,
+)
+from batchrun.cli.job_file import with_job_file
+from batchrun.cli.render import plan_tables, status_table, validation_table
+from batchrun.cli.run_command import RUN_HELP_INTRO, run
 from batchrun.core.errors import InputError
-from batchrun.core.job.config import JobConfig
-from batchrun.core.job.lock import OutputLocked
-from batchrun.core.job.plan_command import plan_job
-from batchrun.core.job.plan_file import save_plan
+from batchrun.core.job.config import BUNDLED_MODEL
 from batchrun.core.job.rows import Columns
-from batchrun.core.job.run import run_job
-from batchrun.core.job.status import job_status
-from batchrun.core.job.validate import validate_file
-from batchrun.core.params import ParamError, SamplingParams
-from batchrun.core.planner.plan import ORDER_INPUT, ORDER_PLAN
-from batchrun.core.runner.kv_budget import parse_memory
+from batchrun.core.sizes import parse_memory
 
-# "\b" keeps click from re-flowing the exit-code table into one paragraph.
-EXIT_CODES_HELP = "\b\n" + __doc__.split("\n", 2)[2]
-EXIT_OK, EXIT_USAGE, EXIT_INPUT, EXIT_ROWS_FAILED, EXIT_ENGINE, EXIT_LOCKED = 0, 1, 2, 3, 4, 75
-BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "sample_jobs" / "models" / "tiny-llama"
+# torch and transformers load only inside the commands that need them (`run`, `plan`,
+# `validate --model`), so `--help`, `--version` and `status` answer at once.
 
 app = typer.Typer(
     help=f"Offline, large-batch LLM inference with global prefix sharing.\n\n{EXIT_CODES_HELP}",
-    no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
+app.command(help=RUN_HELP_INTRO + EXIT_CODES_HELP)(run)
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"batchrun {version()}")
+        raise typer.Exit(EXIT_OK)
 
 
-class Order(str, Enum):
-    plan = ORDER_PLAN
-    input = ORDER_INPUT
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-ModelOpt = Annotated[
-    Path,
-    typer.Option(help="Local Hugging Face checkpoint folder. Default: the bundled tiny sample model."),
-]
-PromptColumn = Annotated[str, typer.Option(help="Field holding a raw text prompt.")]
-MessagesColumn = Annotated[str, typer.Option(help="Field holding a chat (list of {role, content}).")]
-IdColumn = Annotated[str, typer.Option(help="Field holding the row id (default: the row number).")]
-
-
-def fail(code: int, message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def sampling_overrides(**values: Any) -> dict[str, Any]:
-    """The job-wide sampling options the user set, validated (so a typo fails in a second)."""
-    chosen = {k: v for k, v in values.items() if v is not None}
-    try:
-        SamplingParams().with_overrides(chosen)
-    except ParamError as exc:
-        raise fail(EXIT_USAGE, str(exc)) from None
-    return chosen
-
-
-@app.command(
-    help="Generate a completion for every row and write them back into their rows.\n\n"
-    "INPUT may be a TOML job file holding these options under their long names (and "
-    "`input`); options on the command line override it.\n\n" + EXIT_CODES_HELP
-)
-def run(
-    ctx: typer.Context,
-    input: Annotated[
-        Path,
-        typer.Argument(
-            help="Prompt file (.jsonl, OpenAI batch .jsonl, .parquet, a datasets folder) or a .toml job file."
-        ),
-    ],
-    model: ModelOpt = BUNDLED_MODEL,
-    output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="Output path. Default: <input stem>.out.<ext> beside the input."),
-    ] = None,
-    in_place: Annotated[
-        bool, typer.Option("--in-place", help="Replace the input file itself (atomically).")
-    ] = False,
-    max_tokens: Annotated[int | None, typer.Option(help="Max new tokens per row [default: 256].")] = None,
-    temperature: Annotated[
-        float | None, typer.Option(help="0 = greedy [default: greedy, or the model's generation_config].")
-    ] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens (0 = off).")] = None,
-    seed: Annotated[
-        int, typer.Option(help="Job seed; rows without a seed derive theirs from it and their id.")
-    ] = 0,
-    ignore_eos: Annotated[
-        bool, typer.Option("--ignore-eos", help="Keep generating past EOS up to max_tokens.")
-    ] = False,
-    n: Annotated[
-        int | None,
-        typer.Option("--n", help="Samples per row; they share the prompt's KV. Output becomes a list."),
-    ] = None,
-    logprobs: Annotated[
-        int | None,
-        typer.Option(help="Add a logprobs column: each token's logprob and the K most likely tokens."),
-    ] = None,
-    device: Annotated[Device, typer.Option(help="Where to run.")] = Device.auto,
-    dtype: Annotated[
-        DType, typer.Option(help="Weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU).")
-    ] = DType.auto,
-    prompt_column: PromptColumn = "prompt",
-    messages_column: MessagesColumn = "messages",
-    id_column: IdColumn = "id",
-    block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
-    token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,
-    kv_memory: Annotated[
-        str | None,
-        typer.Option(help="KV cache size: bytes like 8GiB, or a fraction of free memory like 0.5."),
-    ] = None,
-    reserve_full: Annotated[
+@app.callback()
+def _global_options(
+    show_version: Annotated[
         bool,
         typer.Option(
-            "--reserve-full",
-            help="Reserve each row's whole max_tokens of KV at admission: never preempt, admit fewer.",
+            "--version", help="Print batchrun's version and exit.", is_eager=True, callback=_print_version
         ),
-    ] = False,
-    strict: Annotated[
-        bool,
-        typer.Option(
-            "--strict",
-            help="Refuse the whole file if any row is invalid (default: such rows get an error record).",
-        ),
-    ] = False,
-    log_every: Annotated[
-        float, typer.Option(help="Seconds between progress lines when not on a terminal.")
-    ] = 30.0,
-    plan: Annotated[
-        Path | None,
-        typer.Option(help="Execute a plan saved by `batchrun plan --save` (checked against the input)."),
-    ] = None,
-    prefix_sharing: Annotated[
-        bool,
-        typer.Option(help="Compute shared prompt prefixes once. --no-prefix-sharing: for comparison."),
-    ] = True,
-    order: Annotated[
-        Order, typer.Option(help="plan: shared prefixes together, decode-heavy first; input: file order.")
-    ] = Order.plan,
-    restart: Annotated[
-        bool,
-        typer.Option("--restart", help="Discard the journal of an unfinished earlier run and start over."),
-    ] = False,
-    max_error_rate: Annotated[
-        float, typer.Option(help="Share of failed rows (0-1) still counted a success (exit 0).")
-    ] = 0.0,
-    log_json: Annotated[
-        bool, typer.Option("--log-json", help="Progress as JSON lines on stderr instead of text.")
     ] = False,
 ) -> None:
-    # Must stay the first statement: it collects exactly the parameters.
-    options = {name: value for name, value in locals().items() if name != "ctx"}
-    if is_job_file(input):
-        try:
-            options |= job_file_options(ctx, input, options)
-        except InputError as exc:
-            raise fail(EXIT_INPUT, str(exc)) from None
-    _run(SimpleNamespace(**options))
-
-
-def job_file_options(ctx: typer.Context, path: Path, options: dict[str, Any]) -> dict[str, Any]:
-    """The job file's settings that the command line does not override, typed like the options."""
-    chosen = {}
-    for key, value in read_job_file(path, allowed=set(options)).items():
-        source = ctx.get_parameter_source(key)
-        if key != "input" and getattr(source, "name", None) == "COMMANDLINE":
-            continue
-        default = options[key]
-        try:
-            if isinstance(default, Enum):
-                value = type(default)(value)
-            elif isinstance(default, bool) and not isinstance(value, bool):
-                raise TypeError("true or false")
-            elif isinstance(default, (int, float)) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise TypeError("a number")
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"{path}: {key} = {value!r} is not valid ({exc})") from None
-        chosen[key] = value
-    return chosen
-
-
-def _run(o: SimpleNamespace) -> None:
-    """``run`` with its options (command line over job file) as attributes of ``o``."""
-    if not 0.0 <= o.max_error_rate <= 1.0:
-        raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {o.max_error_rate}")
-    try:
-        engine = EngineConfig(
-            block_size=o.block_size,
-            token_budget=o.token_budget,
-            kv_cache_bytes=parse_memory(o.kv_memory) if o.kv_memory else None,
-            reserve_full=o.reserve_full,
-        )
-    except ValueError as exc:
-        raise fail(EXIT_USAGE, str(exc)) from None
-    sampling = sampling_overrides(
-        max_tokens=o.max_tokens,
-        temperature=o.temperature,
-        top_p=o.top_p,
-        top_k=o.top_k,
-        ignore_eos=o.ignore_eos or None,
-        n=o.n,
-        logprobs=o.logprobs,
-    )
-    config = JobConfig(
-        input=o.input,
-        model=o.model,
-        output=o.output,
-        in_place=o.in_place,
-        columns=Columns(o.prompt_column, o.messages_column, o.id_column),
-        sampling=sampling,
-        seed=o.seed,
-        device=o.device.value,
-        dtype=o.dtype.value,
-        engine=engine,
-        strict=o.strict,
-        plan_file=o.plan,
-        prefix_sharing=o.prefix_sharing,
-        order=o.order.value,
-        restart=o.restart,
-    )
-    observer = ConsoleObserver(err, log_every=o.log_every, json_lines=o.log_json)
-    try:
-        summary = run_job(config, observer)
-    except OutputLocked as exc:
-        observer.close()
-        raise fail(EXIT_LOCKED, str(exc)) from None
-    except InputError as exc:
-        observer.close()
-        raise fail(EXIT_INPUT, str(exc)) from None
-    except Exception as exc:
-        observer.close()
-        if err.is_terminal:
-            err.print_exception()
-        raise fail(EXIT_ENGINE, f"engine failure: {type(exc).__name__}: {exc}") from None
-    observer.close()
-    out.print(summary_table(summary))
-    if summary.failed and summary.failed > o.max_error_rate * summary.rows:
-        raise typer.Exit(EXIT_ROWS_FAILED)
+    pass
 
 
 @app.command()
 def validate(
-    input: Annotated[Path, typer.Argument(help="Prompt file to check.")],
+    ctx: typer.Context,
+    input: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="Prompt file to check (or a run's TOML job file).")
+    ],
     model: Annotated[
         Path | None, typer.Option(help="Also tokenize with this checkpoint and check context lengths.")
     ] = None,
@@ -290,11 +82,26 @@ def validate(
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
+    output_prefix: OutputPrefix = "",
+    chat_template: ChatTemplate = None,
+    chat_template_kwargs: ChatTemplateKwargs = None,
 ) -> None:
     """Check a prompt file (format, fields, ids, token lengths) without running anything."""
-    sampling = sampling_overrides(max_tokens=max_tokens)
+    o = with_job_file(ctx, validate, {name: value for name, value in locals().items() if name != "ctx"})
+    from batchrun.core.job.validate import validate_file
+
+    quiet_libraries()
+    sampling = sampling_overrides(max_tokens=o.max_tokens)
+    columns = Columns(o.prompt_column, o.messages_column, o.id_column, o.output_prefix)
     try:
-        report = validate_file(input, Columns(prompt_column, messages_column, id_column), model, sampling)
+        report = validate_file(
+            o.input,
+            columns,
+            o.model,
+            sampling,
+            read_chat_template(o.chat_template),
+            parse_template_kwargs(o.chat_template_kwargs),
+        )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None
     out.print(validation_table(report))
@@ -304,7 +111,10 @@ def validate(
 
 @app.command("plan")
 def plan_command(
-    input: Annotated[Path, typer.Argument(help="Prompt file, as for run.")],
+    ctx: typer.Context,
+    input: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="Prompt file (or a run's TOML job file), as for run.")
+    ],
     model: ModelOpt = BUNDLED_MODEL,
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON document instead of tables.")
@@ -324,67 +134,100 @@ def plan_command(
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
+    output_prefix: OutputPrefix = "",
+    chat_template: ChatTemplate = None,
+    chat_template_kwargs: ChatTemplateKwargs = None,
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
-    if block_size < 1 or top < 0:
+    o = with_job_file(ctx, plan_command, {name: value for name, value in locals().items() if name != "ctx"})
+    from batchrun.core.job.plan_command import plan_job
+    from batchrun.core.job.plan_file import save_plan
+
+    if o.block_size < 1 or o.top < 0:
         raise fail(EXIT_USAGE, "--block-size must be >= 1 and --top >= 0")
     try:
-        budget = parse_memory(kv_memory) if kv_memory else None
+        budget = parse_memory(o.kv_memory) if o.kv_memory else None
     except ValueError as exc:
         raise fail(EXIT_USAGE, str(exc)) from None
-    sampling = sampling_overrides(max_tokens=max_tokens)
+    sampling = sampling_overrides(max_tokens=o.max_tokens)
+    quiet_libraries()
     try:
         report, plan = plan_job(
-            input,
-            model,
-            columns=Columns(prompt_column, messages_column, id_column),
+            o.input,
+            o.model,
+            columns=Columns(o.prompt_column, o.messages_column, o.id_column, o.output_prefix),
             sampling=sampling,
-            block_size=block_size,
+            block_size=o.block_size,
             kv_memory=budget,
-            top=top,
+            top=o.top,
+            chat_template=read_chat_template(o.chat_template),
+            chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None
-    if save is not None:
-        save_plan(plan, save, input, model.name)
-    if json_output:
-        document = report.to_json() | {"saved_to": str(save) if save else None}
+    if o.save is not None:
+        save_plan(plan, o.save, o.input, o.model.name)
+    if o.json_output:
+        document = report.to_json() | {"saved_to": str(o.save) if o.save else None}
         print(json.dumps(document, indent=2))
         return
     for renderable in plan_tables(report):
         out.print(renderable)
-    if save is not None:
-        out.print(f"plan saved to {save}; run it with: batchrun run {input} --plan {save}")
+    if o.save is not None:
+        out.print(f"plan saved to {o.save}; run it with: batchrun run {o.input} --plan {o.save}")
 
 
-@app.command()
+@app.command(
+    help="Progress of a job from its lock, journal and report: running, interrupted, done or "
+    "failed.\n\n\b\nExit codes (for monitoring):\n"
+    "  0  done\n"
+    "  4  failed (run the same command again to resume)\n"
+    "  5  interrupted: killed or Ctrl-C (run it again to resume)\n"
+    "  6  running\n"
+    "  7  not started (nothing beside OUTPUT)\n"
+    "  8  no report (an output or journal without its report)\n"
+)
 def status(
-    output: Annotated[Path, typer.Argument(help="The output path of a job (running, interrupted or done).")],
+    output: Annotated[
+        Path,
+        typer.Argument(metavar="OUTPUT", help="The output path of a job (running, interrupted or done)."),
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Progress of a job from its lock, journal and report: running, interrupted, done or failed."""
-    out.print(status_table(job_status(output)))
+    from batchrun.core.job.status import STATE_EXIT_CODES, job_status, status_json
+
+    state = job_status(output)
+    if json_output:
+        print(json.dumps(status_json(state), indent=2))
+    else:
+        out.print(status_table(state))
+    raise typer.Exit(STATE_EXIT_CODES[state.state])
+
+
+def cli(args: list[str] | None = None) -> int:
+    """Run the command line and return its exit code. Usage errors print one line and return
+    1; bare ``batchrun`` prints the help and returns 0."""
+    args = sys.argv[1:] if args is None else list(args)
+    if not args:
+        args = ["--help"]
+    try:
+        code = app(args=args, prog_name="batchrun", standalone_mode=False)
+    except TyperException as exc:  # typer's vendored click: UsageError, BadParameter, ...
+        hint = ""
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            hint = f" (see '{ctx.command_path} --help')"
+        err.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except typer.Abort:
+        err.print("aborted", highlight=False)
+        return 130
+    return code if isinstance(code, int) else EXIT_OK
 
 
 def main() -> None:
-    """Console entry point: typer, with usage errors mapped to exit code 1."""
-    import os
-
-    import transformers
-
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    transformers.logging.set_verbosity_error()  # batchrun reports progress itself
-    transformers.logging.disable_progress_bar()
-    try:
-        code = app(standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        exc.show(file=sys.stderr)
-        code = EXIT_USAGE
-    except click.exceptions.Abort:
-        err.print("aborted")
-        code = 130
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    sys.exit(code or 0)
+    """Console entry point."""
+    sys.exit(cli())
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import statistics
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from batchrun.core.job.config import JobSummary
-from batchrun.core.job.plan_command import PlanReport
-from batchrun.core.job.status import JobStatus
-from batchrun.core.job.validate import ValidationReport
+if TYPE_CHECKING:  # plan and validate import torch; rendering needs only the types
+    from batchrun.core.job.config import JobSummary
+    from batchrun.core.job.plan_command import PlanReport
+    from batchrun.core.job.status import JobStatus
+    from batchrun.core.job.validate import ValidationReport
 
 
 def summary_table(summary: JobSummary) -> Table:
@@ -21,12 +23,18 @@ def summary_table(summary: JobSummary) -> Table:
     generate_s = summary.seconds.get("generate", 0.0)
     table.add_row("input", str(summary.input))
     table.add_row("output", str(summary.output))
-    table.add_row("rows", f"{summary.rows} ({summary.ok} ok, {summary.failed} failed)")
+    resumed = f"; {summary.resumed} resumed from an earlier run's journal" if summary.resumed else ""
+    table.add_row("rows", f"{summary.rows} ({summary.ok} ok, {summary.failed} failed{resumed})")
     table.add_row("prompt tokens", str(summary.prompt_tokens))
-    table.add_row(
-        "output tokens",
-        f"{summary.output_tokens} ({summary.output_tokens / max(generate_s, 1e-9):.1f} tok/s)",
-    )
+    generated = summary.generated_output_tokens
+    rate = f"{generated / max(generate_s, 1e-9):.1f} tok/s"
+    if summary.resumed:
+        table.add_row(
+            "output tokens",
+            f"{generated} generated now ({rate}), {summary.output_tokens - generated} resumed",
+        )
+    else:
+        table.add_row("output tokens", f"{generated} ({rate})")
     plan = summary.plan
     table.add_row(
         "plan",
@@ -48,7 +56,11 @@ def summary_table(summary: JobSummary) -> Table:
         )
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()))
     for error in summary.errors:
-        table.add_row("[red]error", error)
+        table.add_row("[red]error", escape(error))
+    if summary.failed > len(summary.errors):
+        table.add_row("[red]error", f"... and {summary.failed - len(summary.errors)} more")
+    if summary.errors_file is not None:
+        table.add_row("errors file", escape(f"{summary.errors_file} (every failed row)"))
     return table
 
 
@@ -66,7 +78,7 @@ def validation_table(report: ValidationReport) -> Table:
             f"max {max(lengths)} (model context {report.max_context})",
         )
     for problem in report.problems[:20]:
-        table.add_row("[red]problem", problem)
+        table.add_row("[red]problem", escape(problem))
     if len(report.problems) > 20:
         table.add_row("[red]problem", f"... and {len(report.problems) - 20} more")
     return table
@@ -152,14 +164,14 @@ def status_table(status: JobStatus) -> Table:
         table.add_row("process", f"pid {status.holder.get('pid')} on {status.holder.get('host')}")
     if status.rows is not None:
         table.add_row("rows", str(status.rows))
-    if status.state in ("running", "interrupted"):
+    if status.state in ("running", "interrupted", "failed"):
         resumed = report.get("resumed", 0)
         table.add_row(
             "progress",
             f"{status.rows_journaled + resumed} rows finished and journaled"
             + (f" ({resumed} from an earlier run)" if resumed else ""),
         )
-    if status.state == "interrupted":
+    if status.state in ("interrupted", "failed"):
         table.add_row("next", "run the same command again to resume (finished rows are not regenerated)")
     if status.state == "done":
         table.add_row("result", f"{report.get('rows_ok')} ok, {report.get('rows_failed')} failed")

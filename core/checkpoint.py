@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 
 from batchrun.core.errors import InputError
 
@@ -42,6 +48,7 @@ class Checkpoint:
     max_context: int  # positions the model supports (prompt + output)
     identity: str  # fingerprint of what it generates (journal keys, reports)
     sampling_defaults: dict[str, Any]  # from generation_config.json, as vLLM applies them
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # passed to the template
 
     @property
     def name(self) -> str:
@@ -52,9 +59,17 @@ class Checkpoint:
         return self.config.get_text_config()
 
 
-def open_checkpoint(path: Path, *, need_weights: bool = True) -> Checkpoint:
+def open_checkpoint(
+    path: Path,
+    *,
+    need_weights: bool = True,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> Checkpoint:
     """Check and read ``path`` (no weights loaded); ``InputError`` if it cannot be used.
-    ``need_weights=False`` for commands that only tokenize and plan."""
+    ``need_weights=False`` for commands that only tokenize and plan. ``chat_template`` (Jinja
+    text) replaces the tokenizer's own; ``chat_template_kwargs`` are passed to it (e.g.
+    Qwen3's ``enable_thinking``)."""
     model_type = check_model_folder(path, need_weights=need_weights)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -64,14 +79,21 @@ def open_checkpoint(path: Path, *, need_weights: bool = True) -> Checkpoint:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: the tokenizer could not be loaded ({exc})") from None
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    identity = model_identity(path)
+    if chat_template is not None or chat_template_kwargs:
+        extra = json.dumps([chat_template, chat_template_kwargs or {}], sort_keys=True).encode()
+        identity += ":" + hashlib.blake2b(extra, digest_size=4).hexdigest()
     return Checkpoint(
         path=path,
         model_type=model_type,
         config=config,
         tokenizer=tokenizer,
         max_context=config.get_text_config().max_position_embeddings,
-        identity=model_identity(path),
+        identity=identity,
         sampling_defaults=sampling_defaults(path),
+        chat_template_kwargs=dict(chat_template_kwargs or {}),
     )
 
 
@@ -119,19 +141,23 @@ def model_identity(path: Path) -> str:
     return f"{path.name}:{h.hexdigest()}"
 
 
-def sampling_defaults(path: Path) -> dict[str, Any]:
-    """Sampling defaults the checkpoint's ``generation_config.json`` asks for.
+# generation_config.json keys vLLM takes as sampling defaults (`get_diff_sampling_param`).
+GENERATION_DEFAULT_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p", "max_new_tokens")
 
-    Like vLLM, a model that ships ``do_sample: true`` with a temperature / top-p / top-k
-    gets those as the job defaults; otherwise decoding defaults to greedy.
+
+def sampling_defaults(path: Path) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's ``generation_config.json``, as vLLM applies them
+    (``generation_config="auto"``): the non-default values of ``repetition_penalty``,
+    ``temperature``, ``top_k``, ``top_p``, ``min_p`` and ``max_new_tokens`` (as ``max_tokens``),
+    whatever ``do_sample`` says. A folder without the file, or an unreadable one, gives none.
     """
-    file = path / "generation_config.json"
-    if not file.is_file():
+    if not (path / "generation_config.json").is_file():
         return {}
     try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        config = GenerationConfig.from_pretrained(path, local_files_only=True).to_diff_dict()
+    except (OSError, ValueError):
         return {}
-    if not config.get("do_sample"):
-        return {}
-    return {k: config[k] for k in ("temperature", "top_p", "top_k") if config.get(k) is not None}
+    found = {k: config[k] for k in GENERATION_DEFAULT_KEYS if config.get(k) is not None}
+    if "max_new_tokens" in found:
+        found["max_tokens"] = found.pop("max_new_tokens")
+    return found

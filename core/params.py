@@ -103,7 +103,7 @@ class SamplingParams:
 
     def with_overrides(self, overrides: dict[str, Any]) -> SamplingParams:
         """Return a copy with the non-null values of ``overrides`` applied (validated)."""
-        changes = {k: v for k, v in overrides.items() if v is not None}
+        changes = {k: _integral(k, v) for k, v in overrides.items() if v is not None}
         if "stop" in changes:
             changes["stop"] = normalize_stop(changes["stop"])
         if "stop_token_ids" in changes:
@@ -114,6 +114,16 @@ class SamplingParams:
         if "top_k" in changes and changes["top_k"] == -1:
             changes["top_k"] = 0  # OpenAI / vLLM spell "disabled" as -1
         return dataclasses.replace(self, **changes)
+
+
+INT_KEYS = ("max_tokens", "top_k", "seed", "n", "logprobs")
+
+
+def _integral(key: str, value: Any) -> Any:
+    """An integral float (4.0) as an int: pandas turns an optional integer column into floats."""
+    if key in INT_KEYS and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def normalize_stop(value: Any) -> tuple[str, ...]:

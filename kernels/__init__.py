@@ -21,13 +21,23 @@ __all__ = [
 ]
 
 
-def _torch_backend(cascade_min_saved_tokens: int = 2048, **_) -> AttentionBackend:
+def _torch_backend(cascade_min_saved_tokens: int | None = None, **_) -> AttentionBackend:
     from batchrun.kernels.torch_ref import TorchBackend
 
+    if cascade_min_saved_tokens is None:
+        return TorchBackend()
     return TorchBackend(cascade_min_saved_tokens)
 
 
-_FACTORIES: dict[str, Callable[..., AttentionBackend]] = {"torch": _torch_backend}
+def _triton_backend(cascade_min_saved_tokens: int | None = None, **_) -> AttentionBackend:
+    from batchrun.kernels.triton_backend import TritonBackend  # imports triton
+
+    if cascade_min_saved_tokens is None:
+        return TritonBackend()
+    return TritonBackend(cascade_min_saved_tokens)
+
+
+_FACTORIES: dict[str, Callable[..., AttentionBackend]] = {"torch": _torch_backend, "triton": _triton_backend}
 
 
 def available_backends() -> list[str]:

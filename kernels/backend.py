@@ -24,12 +24,21 @@ class BackendCapabilities:
     dtypes: frozenset[torch.dtype]
     block_size_multiple: int = 1  # supported block sizes are multiples of this ...
     max_block_size: int | None = None  # ... up to this (None: any)
+    head_dims: frozenset[int] | None = None  # None: any
+    max_gqa_group: int | None = None  # query heads per kv head (None: any)
     softcap: bool = True  # Gemma 2 style tanh soft-capping of scores
     sliding_window: bool = True
     shared_prefix: bool = False  # reads a first-level group's prefix once for all its members
 
     def unsupported(
-        self, device: torch.device, dtype: torch.dtype, block_size: int, softcap: bool, sliding_window: bool
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        block_size: int,
+        softcap: bool = False,
+        sliding_window: bool = False,
+        head_dim: int | None = None,
+        gqa_group: int | None = None,
     ) -> str | None:
         """Why this backend cannot run the configuration, or None if it can."""
         if device.type not in self.devices:
@@ -42,6 +51,10 @@ class BackendCapabilities:
             limit = f" up to {self.max_block_size}" if self.max_block_size else ""
             multiple = self.block_size_multiple
             return f"needs a block size that is a multiple of {multiple}{limit}, not {block_size}"
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            return f"supports head dims {sorted(self.head_dims)}, not {head_dim}"
+        if gqa_group is not None and self.max_gqa_group is not None and gqa_group > self.max_gqa_group:
+            return f"supports up to {self.max_gqa_group} query heads per kv head, not {gqa_group}"
         if softcap and not self.softcap:
             return "cannot soft-cap attention scores (this model soft-caps)"
         if sliding_window and not self.sliding_window:

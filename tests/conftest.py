@@ -1,8 +1,16 @@
-"""Shared fixtures and the ``gpu`` marker (skipped without CUDA); helpers live in helpers.py."""
+"""Shared fixtures, the ``gpu`` marker (skipped without CUDA) and Triton's interpreter on
+machines without a GPU; helpers live in helpers.py."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Without a GPU, Triton kernels run in Triton's interpreter. TRITON_INTERPRET must be set
+# before Triton is first imported (torch and transformers may import it): so here, before
+# anything else, keyed on the NVIDIA device node rather than on torch.
+if not os.path.exists("/dev/nvidiactl"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from batchrun.cli import main
+from batchrun.cli.main import cli
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.engine import build_engine
 from batchrun.core.job.requests import make_requests
@@ -116,3 +118,15 @@ def run_engine(loaded, prompts, max_tokens, *, sharing=True, order="plan", n=1, 
 def batchrun(*args, cwd=None):
     command = [sys.executable, "-m", "batchrun.cli.main", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def run_cli(capsys, *args):
+    """The CLI in this process: (exit code, stdout, stderr); tables are not wrapped."""
+    width = main.out.width
+    main.out.width = 400
+    try:
+        code = cli([str(a) for a in args])
+    finally:
+        main.out.width = width
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

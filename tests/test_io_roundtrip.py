@@ -77,6 +77,53 @@ def test_openai_batch_output_format(tiny_llama, tmp_path):
     usage = body["usage"]
     assert usage["completion_tokens"] == requests[0]["body"]["max_tokens"]  # the row's own limit wins
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    # vLLM run-batch's line shape; every id is unique (not a row number repeated across batches)
+    assert list(first) == ["id", "custom_id", "response", "error"]
+    assert list(first["response"]) == ["status_code", "request_id", "body"]
+    assert sum(o["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for o in out) > 0
+    ids = [o["id"] for o in out] + [o["response"]["request_id"] for o in out]
+    job(tiny_llama, src, output=tmp_path / "again.jsonl")
+    ids += [o["id"] for o in read_jsonl(tmp_path / "again.jsonl")]
+    assert len(set(ids)) == len(ids)
+
+
+def test_openai_batch_body_options(tiny_llama, tmp_path):
+    src = tmp_path / "b.jsonl"
+    chat = "/v1/chat/completions"
+    parts = [{"type": "text", "text": "Name a colour."}, {"type": "text", "text": "One word."}]
+    bodies = [
+        {
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": 2,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2, "temperature": 1.0},
+        {
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 2,
+            "presence_penalty": 0.5,
+            "min_p": 0.1,
+        },
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"messages": [{"role": "user", "content": "Hi"}], "response_format": {"type": "json_object"}},
+    ]
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": chat, "body": b} for i, b in enumerate(bodies)]
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    job(tiny_llama, src)
+    parts_row, samples, penalty, image, response_format = read_jsonl(tmp_path / "b.out.jsonl")
+    choice = parts_row["response"]["body"]["choices"][0]
+    assert isinstance(choice["message"]["content"], str) and parts_row["error"] is None
+    top = choice["logprobs"]["content"][0]
+    assert top["bytes"] == list(top["token"].encode()) and len(top["top_logprobs"]) == 2
+    assert [c["index"] for c in samples["response"]["body"]["choices"]] == [0, 1]
+    assert penalty["error"] is None and penalty["response"]["status_code"] == 200  # vLLM's extra keys apply
+    for line, text in [
+        (image, "'image_url' part; only text parts are supported"),
+        (response_format, "body.response_format"),
+    ]:
+        assert line["response"]["status_code"] == 400 and line["response"]["body"] is None
+        assert text in line["error"]
 
 
 def test_openai_batch_unsupported_request_is_a_row_error(tiny_llama, tmp_path):
@@ -96,8 +143,8 @@ def test_openai_batch_unsupported_request_is_a_row_error(tiny_llama, tmp_path):
     assert summary.failed == 1
     assert out[0]["response"]["body"]["object"] == "text_completion"
     assert "text" in out[0]["response"]["body"]["choices"][0]
-    assert out[1]["response"] is None and "/v1/embeddings" in out[1]["error"]["message"]
-    assert "line 2" in out[1]["error"]["message"]
+    assert out[1]["response"]["body"] is None and out[1]["response"]["status_code"] == 400
+    assert "/v1/embeddings" in out[1]["error"] and "line 2" in out[1]["error"]
 
 
 def test_datasets_folder(tiny_llama, tmp_path):
@@ -119,7 +166,7 @@ def test_in_place_replaces_the_input_and_is_rerunnable(tiny_llama, tmp_path, nam
     job(tiny_llama, src, in_place=True)  # generated columns are replaced, not duplicated
     assert src.read_bytes() == first
     # Beside the output only the run's report and lock file remain (no temporaries, no journal).
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", f"{name}.report.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{name}.lock", f".{name}.report.json", name]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
@@ -135,7 +182,8 @@ def test_n_samples_and_logprobs_columns(tiny_llama, tmp_path, suffix):
     else:
         keys = sorted({k for r in rows for k in r})
         pq.write_table(pa.table({k: [r.get(k) for r in rows] for k in keys}), src)
-    out_path = tmp_path / f"out{suffix}"
+    (tmp_path / "out").mkdir()
+    out_path = tmp_path / "out" / f"out{suffix}"
     run_job(
         JobConfig(input=src, model=tiny_llama, output=out_path, sampling={"max_tokens": 3, "logprobs": 2})
     )
@@ -148,3 +196,27 @@ def test_n_samples_and_logprobs_columns(tiny_llama, tmp_path, suffix):
     assert len(step["top"]) == 2 and step["logprob"] <= 0 and step["top"][0]["logprob"] >= step["logprob"]
     # The second sample of row a read the prompt its first sample computed.
     assert a["cached_prompt_tokens"] > 0
+    # The side files (lock, report, errors) are hidden: folder readers see only the output.
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        f"out{suffix}",
+        f".out{suffix}.lock",
+        f".out{suffix}.report.json",
+        f".out{suffix}.errors.jsonl",
+    }
+    if suffix == ".parquet":
+        import pyarrow.dataset
+
+        assert pyarrow.dataset.dataset(tmp_path / "out", format="parquet").to_table().num_rows == 3
+
+
+def test_pandas_style_float_columns_of_integers_are_accepted(tiny_llama, tmp_path):
+    # pandas turns an optional integer column into float64 (2.0, NaN -> null); 2.5 stays an error
+    src = tmp_path / "in.parquet"
+    table = pa.table(
+        {"prompt": ["a b", "c d", "e f"], "max_tokens": [2.0, None, 2.5], "seed": [1.0, 2.0, 3.0]}
+    )
+    pq.write_table(table, src)
+    summary = job(tiny_llama, src)
+    out = pq.read_table(tmp_path / "in.out.parquet").to_pylist()
+    assert [o["output_tokens"] for o in out[:2]] == [2, 4] and summary.failed == 1
+    assert "max_tokens must be an integer, got 2.5" in out[2]["error"]

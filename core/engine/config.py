@@ -14,12 +14,13 @@ class EngineConfig:
     # KV cache size: bytes (int), a fraction of free memory (float in (0, 1]), or None for
     # the default share (see runner/kv_budget.py).
     kv_cache_bytes: int | float | None = None
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # or a name from kernels.available_backends()
     reserve_full: bool = False  # reserve every request's whole max_tokens at admission (no preemption)
     # Admission policy knobs (the token budget and reservation above override its own).
     scheduler: SchedulerConfig = SchedulerConfig()
-    # Torch backend: read a decode group's prefix once when that spares this many reads.
-    cascade_min_saved_tokens: int = 2048
+    # Read a group's prefix once when that spares this many prefix-token reads (None: the
+    # backend's own default, 2,048 for torch on CPU, 1 for Triton).
+    cascade_min_saved_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

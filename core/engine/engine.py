@@ -32,7 +32,9 @@ from batchrun.kernels import AttentionBackend, get_backend
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, config: EngineConfig, stop_checker: StopChecker) -> None:
+    def __init__(
+        self, runner: ModelRunner, config: EngineConfig, stop_checker: StopChecker, backend_choice: str = ""
+    ) -> None:
         self.runner = runner
         self.kv = KVManager(BlockPool(runner.kv_cache.num_blocks), config.block_size)
         self.scheduler = Scheduler(self.kv, config.scheduler_config())
@@ -43,6 +45,7 @@ class Engine:
             device=str(runner.device),
             dtype=str(spec.dtype).removeprefix("torch."),
             attention_backend=runner.backend.name,
+            attention_backend_choice=backend_choice,
             block_size=spec.block_size,
             num_blocks=runner.kv_cache.num_blocks,
             kv_cache_bytes=runner.kv_cache.num_blocks * spec.bytes_per_block,
@@ -139,20 +142,48 @@ def build_engine(loaded: LoadedModel, config: EngineConfig, useful_tokens: int |
     spec = KVCacheSpec.from_config(loaded.model.config, loaded.dtype, config.block_size)
     budget = kv_cache_bytes(loaded.device, config.kv_cache_bytes)
     kv_cache = KVCache(spec, num_blocks_for(spec, budget, useful_tokens), loaded.device)
-    backend = get_backend(config.attention_backend, cascade_min_saved_tokens=config.cascade_min_saved_tokens)
-    check_backend(backend, loaded, config.block_size)
+    backend, why = choose_backend(config, loaded, spec)
     runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids)
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
-    return Engine(runner, config, stop_checker)
+    return Engine(runner, config, stop_checker, backend_choice=why)
 
 
-def check_backend(backend: AttentionBackend, loaded: LoadedModel, block_size: int) -> None:
-    """Refuse, before any work, a backend that cannot run this model on this device."""
+def choose_backend(
+    config: EngineConfig, loaded: LoadedModel, spec: KVCacheSpec
+) -> tuple[AttentionBackend, str]:
+    """The attention backend for this model and device, and why it was chosen.
+
+    A named backend must support the configuration (else ``InputError`` saying why); ``auto``
+    takes Triton on CUDA when it is installed and supports the model, else the torch
+    reference (always on CPU)."""
     text = loaded.model.config.get_text_config()
-    softcap = bool(getattr(text, "attn_logit_softcapping", None))
-    sliding = bool(getattr(text, "sliding_window", None))
-    reason = backend.capabilities.unsupported(loaded.device, loaded.dtype, block_size, softcap, sliding)
-    if reason is not None:
-        raise InputError(
-            f"attention backend {backend.name!r} {reason}; choose another with --attention-backend"
-        )
+    needs = dict(
+        device=loaded.device,
+        dtype=loaded.dtype,
+        block_size=config.block_size,
+        softcap=bool(getattr(text, "attn_logit_softcapping", None)),
+        sliding_window=bool(getattr(text, "sliding_window", None)),
+        head_dim=spec.head_dim,
+        gqa_group=text.num_attention_heads // spec.num_kv_heads,
+    )
+    options = {"cascade_min_saved_tokens": config.cascade_min_saved_tokens}
+    if config.attention_backend != "auto":
+        backend = get_backend(config.attention_backend, **options)
+        reason = backend.capabilities.unsupported(**needs)
+        if reason is not None:
+            raise InputError(
+                f"attention backend {backend.name!r} {reason}; choose another with --attention-backend"
+            )
+        return backend, "chosen with --attention-backend"
+    if loaded.device.type == "cuda":
+        try:
+            backend = get_backend("triton", **options)
+        except ImportError:
+            why = "triton is not installed"
+        else:
+            reason = backend.capabilities.unsupported(**needs)
+            if reason is None:
+                return backend, "auto: CUDA device, Triton installed and supports the model"
+            why = f"triton {reason}"
+        return get_backend("torch", **options), f"auto: {why}, so the torch reference"
+    return get_backend("torch", **options), f"auto: the torch reference on {loaded.device.type}"

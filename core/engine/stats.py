@@ -73,6 +73,7 @@ class EngineInfo:
     device: str
     dtype: str
     attention_backend: str
+    attention_backend_choice: str  # why that backend (auto's reasoning, or the option)
     block_size: int
     num_blocks: int
     kv_cache_bytes: int

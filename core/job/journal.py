@@ -24,13 +24,12 @@ from typing import IO
 import numpy as np
 
 from batchrun.core.job.rows import RowResult
+from batchrun.core.job.side_files import JOURNAL, side_file
 from batchrun.core.params import SamplingParams
-
-SUFFIX = ".journal.jsonl"
 
 
 def journal_path(output: Path) -> Path:
-    return output.with_name(output.name + SUFFIX)
+    return side_file(output, JOURNAL)
 
 
 def row_key(prompt: np.ndarray, params: SamplingParams, seed: int, model_identity: str) -> str:
@@ -43,20 +42,23 @@ def row_key(prompt: np.ndarray, params: SamplingParams, seed: int, model_identit
 
 
 class Journal:
-    def __init__(self, path: Path, sync_rows: int = 64, sync_seconds: float = 5.0) -> None:
+    """The journal at ``path``; with ``path=None`` (output to stdout) it keeps nothing."""
+
+    def __init__(self, path: Path | None, sync_rows: int = 64, sync_seconds: float = 5.0) -> None:
         self.path = path
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
         self._file: IO[str] | None = None
         self._unsynced = 0
         self._last_sync = time.monotonic()
+        self.appended = 0  # rows this run wrote
 
     def read(self, keys: dict[str, str]) -> tuple[dict[str, RowResult], int]:
         """Results of rows whose journaled key equals ``keys[id]``; and how many lines were
         unreadable (a line cut by a crash) or stale (another prompt, params or model)."""
         found: dict[str, RowResult] = {}
         skipped = 0
-        if not self.path.exists():
+        if self.path is None or not self.path.exists():
             return found, 0
         with open(self.path, encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -73,12 +75,15 @@ class Journal:
         return found, skipped
 
     def append(self, row_id: str, key: str, result: RowResult) -> None:
+        if self.path is None:
+            return
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open)
             self._repair_tail()
         line = json.dumps({"id": row_id, "key": key, "result": asdict(result)}, ensure_ascii=False)
         self._file.write(line + "\n")
         self._file.flush()
+        self.appended += 1
         self._unsynced += 1
         if self._unsynced >= self.sync_rows or time.monotonic() - self._last_sync >= self.sync_seconds:
             self.sync()
@@ -97,7 +102,8 @@ class Journal:
 
     def discard(self) -> None:
         self.close()
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def _repair_tail(self) -> None:
         """Start on a fresh line if a crash left the last one unfinished."""

@@ -1,4 +1,4 @@
-"""One run at a time per output: an advisory ``flock`` on ``<output>.lock``.
+"""One run at a time per output: an advisory ``flock`` on ``.<output>.lock``.
 
 The kernel drops the lock when its process dies, however it dies, so a lock left by a
 killed run never blocks the next one. The file itself stays (removing it would race with
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-SUFFIX = ".lock"
+from batchrun.core.job.side_files import LOCK, side_file
 
 
 class OutputLocked(Exception):
@@ -25,7 +25,7 @@ class OutputLocked(Exception):
 
 
 def lock_path(output: Path) -> Path:
-    return output.with_name(output.name + SUFFIX)
+    return side_file(output, LOCK)
 
 
 def holder(output: Path) -> dict | None:

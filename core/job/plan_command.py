@@ -123,11 +123,15 @@ def plan_job(
     kv_memory: int | float | None = None,
     top: int = 10,
     device: str = "auto",
+    chat_template: str | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[PlanReport, Plan]:
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
     timer = PhaseTimer()
     lap, seconds = timer.lap, timer.seconds
-    checkpoint = open_checkpoint(model, need_weights=False)
+    checkpoint = open_checkpoint(
+        model, need_weights=False, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
+    )
     source = open_source(input, columns)
     rows = read_rows(source, job_defaults(checkpoint, sampling or {}))
     lap("read")

@@ -16,7 +16,14 @@ from transformers import PreTrainedTokenizerBase
 from batchrun.core.checkpoint import Checkpoint
 from batchrun.core.errors import InputError
 from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig
-from batchrun.core.job.io import PromptSource
+from batchrun.core.job.io import (
+    KNOWN_FILE_SUFFIXES,
+    OUTPUT_SUFFIXES,
+    REWRITING_FORMATS,
+    STDIO,
+    STREAMABLE_FORMATS,
+    PromptSource,
+)
 from batchrun.core.job.plan_file import load_plan
 from batchrun.core.job.rows import Row, parse_row
 from batchrun.core.job.tokenize import tokenize_rows
@@ -26,14 +33,71 @@ from batchrun.core.planner.prompt_tokens import PromptTokens
 
 
 def output_path(config: JobConfig, source: PromptSource) -> Path:
+    """Where the output goes (``STDIO`` for stdout), refused if batchrun cannot write it there
+    safely: see ``check_output_target``."""
     if config.in_place:
         if config.output is not None:
             raise InputError("use either --in-place or --output, not both")
-        return config.input
-    return config.output or source.default_output()
+        if config.input == STDIO:
+            raise InputError("--in-place needs a file; stdin (-) cannot be replaced")
+        output = config.input
+    elif config.output is not None:
+        output = config.output
+    else:
+        output = STDIO if config.input == STDIO else source.default_output()
+    if output == STDIO:
+        if source.format_name not in STREAMABLE_FORMATS:
+            raise InputError(
+                f"-o - writes JSONL to stdout, but {config.input} is {source.format_name}; "
+                "write it to a file with -o PATH"
+            )
+        return output
+    if source.format_name in REWRITING_FORMATS and _same_file(output, config.input):
+        raise InputError(
+            f"{output}: an OpenAI batch file's output is response lines, not requests, so it "
+            "cannot replace its input (a second run would fail every row); write it elsewhere "
+            "with -o responses.jsonl"
+        )
+    check_output_target(output, source)
+    return output
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def check_output_target(output: Path, source: PromptSource) -> None:
+    """Refuse outputs batchrun cannot replace atomically with the input's format: a symbolic
+    link (replacing it would replace the link, not write its target), a device, pipe or
+    socket (``/dev/null``, ``/dev/stdout``), or a name whose extension says another format."""
+    if output.is_symlink():
+        raise InputError(
+            f"{output} is a symbolic link (to {os.readlink(output)}); batchrun replaces its output "
+            "atomically, which would replace the link, not write through it. Pass the real path "
+            f"(-o {output.resolve()}), or -o - to write JSONL to stdout"
+        )
+    folder_output = source.format_name == "datasets"
+    if output.exists() and not (output.is_dir() if folder_output else output.is_file()):
+        kind = "a folder" if output.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise InputError(
+            f"{output} is {kind}; batchrun writes its output as a new "
+            f"{'folder' if folder_output else 'regular file'} and renames it into place. "
+            "Pass another -o, or -o - to write JSONL to stdout"
+        )
+    suffix = output.suffix.lower()
+    expected = OUTPUT_SUFFIXES.get(source.format_name)
+    wrong = suffix not in expected if expected else suffix in KNOWN_FILE_SUFFIXES
+    if wrong:
+        want = " or ".join(expected) if expected else "a folder name without a file extension"
+        raise InputError(
+            f"{output}: the output has the input's format ({source.format_name}), but its name ends "
+            f"in {suffix or '(no extension)'!r}; batchrun does not convert formats: name it with {want}"
+        )
 
 
 def check_writable(output: Path) -> None:
+    if output == STDIO:
+        return
     folder = output.parent
     if not folder.is_dir():
         raise InputError(f"output folder {folder} does not exist; create it or pass -o elsewhere")
@@ -114,7 +178,7 @@ def tokenize_for(checkpoint: Checkpoint, rows: list[Row]) -> TokenizedRows:
                 f"{checkpoint.path}: the tokenizer has no chat template, but {chat.location} "
                 "(and maybe others) is a chat; pass --chat-template FILE, or send 'prompt' rows"
             )
-    prompts = tokenize_rows(rows, tokenizer)
+    prompts = tokenize_rows(rows, tokenizer, checkpoint.chat_template_kwargs)
     return TokenizedRows(tokenizer, prompts, max_context, check_context(rows, prompts, max_context))
 
 

@@ -1,9 +1,9 @@
 """What a run leaves beside its output for the people and scripts that check on it.
 
-* ``<output>.report.json`` — written when generation starts (``state: running``) and
+* ``.<output>.report.json`` — written when generation starts (``state: running``) and
   rewritten at the end (``done`` or ``failed``): timings per phase, rows ok / failed /
   resumed, tokens, throughput, saving, peak KV, versions, device, model identity, plan.
-* ``<output>.errors.jsonl`` — one line per failed row (``index``, ``id``, ``error``);
+* ``.<output>.errors.jsonl`` — one line per failed row (``index``, ``id``, ``error``);
   removed when a run has no failed row, so a stale one never misleads.
 """
 
@@ -17,21 +17,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from batchrun.core.job.config import JobSummary
+from batchrun.core.job.config import JobSummary, RunInfo
 from batchrun.core.job.io.atomic import atomic_file
 from batchrun.core.job.rows import Row, RowResult
+from batchrun.core.job.side_files import ERRORS, REPORT, side_file
 from batchrun.core.planner.plan import PlanSummary
-
-REPORT_SUFFIX = ".report.json"
-ERRORS_SUFFIX = ".errors.jsonl"
 
 
 def report_path(output: Path) -> Path:
-    return output.with_name(output.name + REPORT_SUFFIX)
+    return side_file(output, REPORT)
 
 
 def errors_path(output: Path) -> Path:
-    return output.with_name(output.name + ERRORS_SUFFIX)
+    return side_file(output, ERRORS)
 
 
 def versions() -> dict[str, str]:
@@ -47,8 +45,8 @@ def versions() -> dict[str, str]:
 
 
 class RunReport:
-    def __init__(self, output: Path, input: Path, model: Path) -> None:
-        self.path = report_path(output)
+    def __init__(self, output: Path | None, input: Path, model: Path) -> None:
+        self.path = report_path(output) if output is not None else None  # None: keep no file
         self.device = "unknown"
         self.data: dict[str, Any] = {
             "state": "starting",
@@ -70,8 +68,22 @@ class RunReport:
         }
         self._write()
 
-    def failed(self, error: str, seconds: dict[str, float]) -> None:
-        self.data |= {"state": "failed", "error": error, "seconds": seconds, "device": self.device}
+    def run_info(self, info: RunInfo) -> None:
+        self.data["run"] = asdict(info)
+        self._write()
+
+    def failed(
+        self, error: str, seconds: dict[str, float], journaled: int = 0, state: str = "failed"
+    ) -> None:
+        """The run stopped early: ``state`` is "failed" or "interrupted"; ``journaled`` rows are
+        kept for the next run."""
+        self.data |= {
+            "state": state,
+            "error": error,
+            "seconds": seconds,
+            "device": self.device,
+            "rows_journaled": journaled,
+        }
         self.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self._write()
 
@@ -87,7 +99,9 @@ class RunReport:
             "resumed": summary.resumed,
             "prompt_tokens": summary.prompt_tokens,
             "output_tokens": summary.output_tokens,
-            "output_tokens_per_s": summary.output_tokens / generate_s if generate_s else 0.0,
+            "generated_output_tokens": summary.generated_output_tokens,
+            # this run's throughput: rows resumed from an earlier run are not counted
+            "output_tokens_per_s": summary.generated_output_tokens / generate_s if generate_s else 0.0,
             "seconds": summary.seconds,
             "engine": summary.engine.to_dict() if summary.engine else None,
             "plan": asdict(summary.plan) | {"saving": summary.plan.saving},
@@ -96,6 +110,8 @@ class RunReport:
         self._write()
 
     def _write(self) -> None:
+        if self.path is None:
+            return
         with atomic_file(self.path) as tmp:
             tmp.write_text(json.dumps(self.data, indent=2))
 

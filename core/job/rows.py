@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from batchrun.core.errors import InputError
 from batchrun.core.params import ROW_PARAM_KEYS, ParamError, SamplingParams, check_int
 
 FinishReason = Literal["stop", "length", "error"]
@@ -23,6 +24,11 @@ class Columns:
     prompt: str = "prompt"
     messages: str = "messages"
     id: str = "id"
+    output_prefix: str = ""  # put before every generated column's name (--output-prefix)
+
+    def generated(self, name: str) -> str:
+        """The output name of generated column ``name`` (``output`` -> ``gen_output``)."""
+        return self.output_prefix + name
 
 
 @dataclass
@@ -63,8 +69,8 @@ class RowResult:
     def failed(cls, message: str, prompt_tokens: int = 0) -> RowResult:
         return cls(None, prompt_tokens, 0, "error", message)
 
-    def columns(self, shape: OutputShape = OutputShape()) -> dict[str, Any]:
-        """The columns added to the input row, in output order."""
+    def columns(self, shape: OutputShape = OutputShape(), prefix: str = "") -> dict[str, Any]:
+        """The columns added to the input row, in output order (names after ``prefix``)."""
         output = self.output
         if shape.samples and isinstance(output, str):
             output = [output]
@@ -81,7 +87,7 @@ class RowResult:
             if shape.samples and logprobs is not None and not isinstance(self.output, list):
                 logprobs = [logprobs]
             columns["logprobs"] = logprobs
-        return columns
+        return {prefix + name: value for name, value in columns.items()} if prefix else columns
 
 
 # A format may flag a row it cannot express in batchrun terms under this key.
@@ -100,6 +106,31 @@ GENERATED_COLUMNS = (
     "error",
     "logprobs",
 )
+# A row written by a batchrun run has all of these; their presence together marks a re-run.
+ALWAYS_GENERATED = GENERATED_COLUMNS[:6]
+
+
+def earlier_run_columns(where: str, names: dict[str, bool], columns: Columns) -> bool:
+    """Whether the input row or schema ``names`` is a batchrun output (its generated columns
+    are then replaced); refuse any other input column a generated one would overwrite.
+
+    ``names`` maps each input column name to whether its values could be a per-row
+    ``logprobs`` request (an integer or null), which is an input field, not a clash."""
+    generated = {columns.generated(name): name for name in GENERATED_COLUMNS}
+    present = [name for name in names if name in generated]
+    if not present:
+        return False
+    if all(columns.generated(name) in names for name in ALWAYS_GENERATED):
+        return True
+    clashing = [n for n in present if not (generated[n] == "logprobs" and names[n])]
+    if not clashing:
+        return False
+    listed = ", ".join(repr(n) for n in clashing)
+    raise InputError(
+        f"{where}: input column(s) {listed} would be overwritten by the columns batchrun adds; "
+        "keep them by naming batchrun's columns with a prefix, e.g. --output-prefix gen_ "
+        f"(then batchrun writes gen_{generated[clashing[0]]}, ...)"
+    )
 
 
 def parse_row(
@@ -125,6 +156,8 @@ def parse_row(
         row.prompt, row.messages = _prompt_of(fields, columns)
         row.params = defaults.with_overrides({k: fields.get(k) for k in ROW_PARAM_KEYS})
         row.expected_tokens = fields.get(EXPECTED_TOKENS)
+        if isinstance(row.expected_tokens, float) and row.expected_tokens.is_integer():
+            row.expected_tokens = int(row.expected_tokens)  # a pandas-written optional int column
         if row.expected_tokens is not None:
             check_int(EXPECTED_TOKENS, row.expected_tokens, minimum=0)
     except (ParamError, TypeError) as exc:

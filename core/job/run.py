@@ -15,9 +15,17 @@ from pathlib import Path
 
 from batchrun.core.checkpoint import Checkpoint, open_checkpoint
 from batchrun.core.engine.engine import build_engine
-from batchrun.core.engine.stats import Completion, EngineStats
-from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig, JobObserver, JobSummary
-from batchrun.core.job.io import OutputContext, PromptSource, open_source
+from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
+from batchrun.core.job.config import (
+    BUNDLED_MODEL,
+    MAX_LISTED_PROBLEMS,
+    JobConfig,
+    JobObserver,
+    JobSummary,
+    RunInfo,
+    StepStats,
+)
+from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
 from batchrun.core.job.journal import Journal, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
@@ -32,7 +40,7 @@ from batchrun.core.job.prepare import (
     rows_by_id,
     tokenize_for,
 )
-from batchrun.core.job.report import RunReport, write_errors
+from batchrun.core.job.report import RunReport, errors_path, write_errors
 from batchrun.core.job.requests import make_requests, most_kv_tokens
 from batchrun.core.job.results import output_shape, row_result
 from batchrun.core.job.rows import Row, RowResult
@@ -47,16 +55,23 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     observer = observer or JobObserver()
     started = time.perf_counter()
     observer.phase("reading")
-    checkpoint = open_checkpoint(config.model)
+    checkpoint = open_checkpoint(
+        config.model, chat_template=config.chat_template, chat_template_kwargs=config.chat_template_kwargs
+    )
+    if checkpoint.sampling_defaults:
+        defaults = " ".join(f"{k}={v}" for k, v in checkpoint.sampling_defaults.items())
+        observer.phase(f"sampling defaults from {checkpoint.name}/generation_config.json: {defaults}")
     source = open_source(config.input, config.columns)
     output = output_path(config, source)
     check_writable(output)
-    if is_locked(output):  # fail fast, before reading a large file; the lock below decides
+    if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
     # A bad file fails here, having written nothing.
     rows = read_rows(source, job_defaults(checkpoint, config.sampling))
     if config.strict:
         refuse_invalid_rows(source, rows)
+    if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
+        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
     with output_lock(output):
         remove_stale_temporaries(output)
         return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
@@ -73,13 +88,16 @@ def _run_locked(
 ) -> JobSummary:
     timer = PhaseTimer({"read": read_s})
     lap, seconds = timer.lap, timer.seconds
-    report = RunReport(output, config.input, config.model)
+    side_files = output != STDIO
+    report = RunReport(output if side_files else None, config.input, config.model)
 
     observer.phase("tokenizing")
     _, prompts, _, _ = tokenize_for(checkpoint, rows)
+    if config.strict:  # rows over the context or failing the chat template count too
+        refuse_invalid_rows(source, rows)
     lap("tokenize")
 
-    journal = Journal(journal_path(output))
+    journal = Journal(journal_path(output) if side_files else None)
     if config.restart:
         journal.discard()
     identity = checkpoint.identity
@@ -110,21 +128,29 @@ def _run_locked(
         lap("load")
 
         observer.phase("generating")
-        observer.started(len(rows))
-        results, stats = generate(config, loaded, rows, prompts, plan, observer, journal, keys, resumed)
+        observer.started(len(rows), plan.summary.computed_tokens, plan.summary.expected_output_tokens)
+        results, stats = generate(
+            config, checkpoint, loaded, rows, prompts, plan, observer, journal, keys, resumed, report
+        )
         lap("generate")
 
         observer.phase("writing")
         context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
         source.write(output, results, context)
-        write_errors(output, rows, results)
+        if side_files:
+            write_errors(output, rows, results)
         lap("write")
     except BaseException as exc:  # the journal keeps every finished row for the next run
         journal.close()
-        report.failed(f"{type(exc).__name__}: {exc}", seconds)
+        journaled = len(resumed) + journal.appended
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        reason = "interrupted (Ctrl-C / SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}"
+        report.failed(reason, seconds, journaled, state="interrupted" if interrupted else "failed")
+        observer.stopped(journaled, journal.path if journaled else None)
         raise
 
     errors = [r.error for r in results if r.error]
+    resumed_tokens = sum(resumed[row.id].output_tokens for row in rows if row.id in resumed)
     summary = JobSummary(
         input=config.input,
         output=output,
@@ -133,10 +159,12 @@ def _run_locked(
         resumed=len(resumed),
         prompt_tokens=sum(r.prompt_tokens for r in results),
         output_tokens=sum(r.output_tokens for r in results),
+        generated_output_tokens=sum(r.output_tokens for r in results) - resumed_tokens,
         seconds=seconds,
         engine=stats,
         plan=plan.summary,
         errors=errors[:MAX_LISTED_PROBLEMS],
+        errors_file=errors_path(output) if errors and side_files else None,
     )
     report.finished(summary)
     journal.discard()  # the output now holds every row; the report says the job is done
@@ -145,6 +173,7 @@ def _run_locked(
 
 def generate(
     config: JobConfig,
+    checkpoint: Checkpoint,
     loaded: LoadedModel | None,
     rows: list[Row],
     prompts: PromptTokens,
@@ -153,6 +182,7 @@ def generate(
     journal: Journal | None = None,
     keys: dict[str, str] | None = None,
     resumed: dict[str, RowResult] | None = None,
+    report: RunReport | None = None,
 ) -> tuple[list[RowResult], EngineStats | None]:
     """Run every planned row through the engine; invalid rows get their error record and
     journaled rows their journaled result. Each finished row is journaled at once."""
@@ -160,19 +190,24 @@ def generate(
     for row in rows:
         if row.error:
             results[row.index] = RowResult.failed(row.error)
+            observer.row_finished(results[row.index])
         elif resumed and row.id in resumed:
             results[row.index] = resumed[row.id]
-        else:
-            continue
-        observer.row_finished(results[row.index])
+    if resumed:
+        observer.rows_resumed(len(resumed))
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
     if requests:
         assert loaded is not None, "rows to generate but no model loaded"
         engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
         observer.engine_started(engine.info)
+        info = run_info(config, checkpoint, engine.info)
+        observer.run_info(info)
+        if report is not None:
+            report.run_info(info)
         pending: dict[int, list[Completion]] = {}
-        for completion in engine.generate(requests, on_step=observer.step):
+        on_step = lambda stats: observer.step(step_stats(stats))  # noqa: E731
+        for completion in engine.generate(requests, on_step=on_step):
             index = completion.row
             samples = pending.setdefault(index, [])
             samples.append(completion)
@@ -189,3 +224,38 @@ def generate(
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
     return results, stats  # type: ignore[return-value]
+
+
+def step_stats(stats: EngineStats) -> StepStats:
+    return StepStats(
+        stats.prefill_tokens,
+        stats.decode_tokens,
+        stats.steps,
+        stats.kv_blocks_used,
+        stats.num_blocks,
+        stats.live_saving,
+    )
+
+
+def run_info(config: JobConfig, checkpoint: Checkpoint, engine: EngineInfo) -> RunInfo:
+    """Model, device, dtype, sampling and KV of this run, for the log and the report."""
+    defaults = job_defaults(checkpoint, config.sampling)
+    if defaults.greedy:
+        sampling = "greedy"
+    else:
+        sampling = f"temperature={defaults.temperature} top_p={defaults.top_p} top_k={defaults.top_k}"
+    if defaults.n > 1:
+        sampling += f" n={defaults.n}"
+    architectures = getattr(checkpoint.config, "architectures", None) or [checkpoint.model_type]
+    return RunInfo(
+        model=str(config.model),
+        architecture=architectures[0],
+        device=engine.device,
+        dtype=engine.dtype,
+        sampling=sampling,
+        max_tokens=defaults.max_tokens,
+        kv_blocks=engine.num_blocks,
+        block_size=engine.block_size,
+        kv_bytes=engine.kv_cache_bytes,
+        bundled_model=config.model.resolve() == BUNDLED_MODEL,
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from transformers import PreTrainedTokenizerBase
 
 from batchrun.core.job.rows import Row
@@ -10,16 +12,23 @@ from batchrun.core.planner.prompt_tokens import PromptTokens, PromptTokensBuilde
 TOKENIZE_BATCH = 1024
 
 
-def render(row: Row, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The prompt text of a row: raw text, or its messages through the chat template."""
+def render(
+    row: Row, tokenizer: PreTrainedTokenizerBase, template_kwargs: dict[str, Any] | None = None
+) -> str:
+    """The prompt text of a row: raw text, or its messages through the chat template (with
+    ``template_kwargs``, e.g. ``enable_thinking``)."""
     if row.messages is None:
         return row.prompt or ""
     if not tokenizer.chat_template:
         raise ValueError("the model's tokenizer has no chat template; send 'prompt' rows instead")
-    return tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        row.messages, tokenize=False, add_generation_prompt=True, **(template_kwargs or {})
+    )
 
 
-def tokenize_rows(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> PromptTokens:
+def tokenize_rows(
+    rows: list[Row], tokenizer: PreTrainedTokenizerBase, template_kwargs: dict[str, Any] | None = None
+) -> PromptTokens:
     """Token ids of every row (length 0 where the row has or gets an error).
 
     Raw prompts get the tokenizer's special tokens (e.g. BOS); rendered chats already
@@ -32,7 +41,7 @@ def tokenize_rows(rows: list[Row], tokenizer: PreTrainedTokenizerBase) -> Prompt
         if row.error:
             continue
         try:
-            pending[row.messages is None].append((i, render(row, tokenizer)))
+            pending[row.messages is None].append((i, render(row, tokenizer, template_kwargs)))
         except Exception as exc:  # template errors are the row's, whatever their type
             row.error = f"{row.location}: the chat template failed on this row ({exc})"
     for add_special, items in pending.items():

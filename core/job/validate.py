@@ -23,12 +23,23 @@ class ValidationReport:
 
 
 def validate_file(
-    path: Path, columns: Columns = Columns(), model: Path | None = None, sampling: dict | None = None
+    path: Path,
+    columns: Columns = Columns(),
+    model: Path | None = None,
+    sampling: dict | None = None,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> ValidationReport:
     """Read and check every row; with ``model``, also tokenize and check context lengths.
 
     File-level problems raise ``InputError`` exactly as ``batchrun run`` would."""
-    checkpoint = open_checkpoint(model, need_weights=False) if model is not None else None
+    checkpoint = (
+        open_checkpoint(
+            model, need_weights=False, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
+        )
+        if model is not None
+        else None
+    )
     if checkpoint is not None:
         defaults = job_defaults(checkpoint, sampling or {})
     else:

@@ -3,40 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 
 import torch
 
 from batchrun.core.runner.kv_cache import KVCacheSpec
+from batchrun.core.sizes import parse_memory  # noqa: F401 (moved; kept importable here)
 
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 DEFAULT_CPU_SHARE = 0.25  # of available RAM
 DEFAULT_CPU_CAP = 8 * 2**30
 DEFAULT_GPU_SHARE = 0.90  # of free device memory after the weights are loaded
-
-
-def parse_memory(text: str) -> int | float:
-    """``"8GiB"`` -> bytes (int); ``"0.5"`` -> a fraction of free memory (float in (0, 1])."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).upper() not in _UNITS:
-        raise ValueError(f"cannot read memory size {text!r}; use e.g. 8GiB, 512MB or 0.5 (a fraction)")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    if not unit and number <= 1.0:
-        if number <= 0:
-            raise ValueError(f"memory fraction must be in (0, 1], got {text!r}")
-        return number
-    return int(number * _UNITS[unit])
 
 
 def free_memory(device: torch.device) -> int:

@@ -7,16 +7,24 @@ from pathlib import Path
 from batchrun.core.errors import InputError
 from batchrun.core.job.io.arrow import DatasetFolderSource, ParquetSource
 from batchrun.core.job.io.jsonl import JsonlSource, OpenAIBatchSource, first_object, is_openai_batch
-from batchrun.core.job.io.source import OutputContext, PromptSource
+from batchrun.core.job.io.source import STDIO, OutputContext, PromptSource, spool_stdin
 from batchrun.core.job.rows import Columns
 
-__all__ = ["OutputContext", "PromptSource", "open_source"]
+__all__ = ["STDIO", "OutputContext", "PromptSource", "open_source"]
 
-JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# The output has the input's format; these are the names it may have.
+OUTPUT_SUFFIXES = {"jsonl": JSONL_SUFFIXES, "openai-batch": JSONL_SUFFIXES, "parquet": (".parquet",)}
+KNOWN_FILE_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")
+STREAMABLE_FORMATS = ("jsonl", "openai-batch")  # may be written to stdout (-o -)
+REWRITING_FORMATS = ("openai-batch",)  # the output is not the input plus columns: no --in-place
 
 
 def open_source(path: Path, columns: Columns = Columns()) -> PromptSource:
-    """Pick the reader for ``path`` from its extension (and, for JSONL, its first line)."""
+    """Pick the reader for ``path`` from its extension (and, for JSONL, its first line).
+    ``-`` reads JSONL from stdin (spooled to a temporary file: writing reads the input again)."""
+    if path == STDIO:
+        path = spool_stdin()
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     if path.is_dir():

@@ -17,7 +17,14 @@ import pyarrow.parquet as pq
 from batchrun.core.errors import InputError
 from batchrun.core.job.io.atomic import atomic_dir, atomic_file
 from batchrun.core.job.io.source import OutputContext, PromptSource
-from batchrun.core.job.rows import EXPECTED_TOKENS, GENERATED_COLUMNS, Columns, OutputShape, RowResult
+from batchrun.core.job.rows import (
+    EXPECTED_TOKENS,
+    GENERATED_COLUMNS,
+    Columns,
+    OutputShape,
+    RowResult,
+    earlier_run_columns,
+)
 from batchrun.core.params import ROW_PARAM_KEYS
 
 BATCH_ROWS = 4096
@@ -27,7 +34,7 @@ _TOP = pa.list_(pa.struct(_TOKEN))
 _LOGPROBS = pa.list_(pa.struct([*_TOKEN, ("top", _TOP)]))
 
 
-def generated_schema(shape: OutputShape) -> pa.Schema:
+def generated_schema(shape: OutputShape, prefix: str = "") -> pa.Schema:
     fields = [
         ("output", pa.list_(pa.string()) if shape.samples else pa.string()),
         ("prompt_tokens", pa.int64()),
@@ -38,11 +45,14 @@ def generated_schema(shape: OutputShape) -> pa.Schema:
     ]
     if shape.logprobs:
         fields.append(("logprobs", pa.list_(_LOGPROBS) if shape.samples else _LOGPROBS))
-    return pa.schema(fields)
+    return pa.schema([(prefix + name, type_) for name, type_ in fields])
 
 
 def _needed_columns(path: Path, schema: pa.Schema, columns: Columns) -> list[str]:
     names = set(schema.names)
+    maybe_param = {f.name: pa.types.is_integer(f.type) or pa.types.is_null(f.type) for f in schema}
+    if earlier_run_columns(str(path), maybe_param, columns):
+        names -= {columns.generated(name) for name in GENERATED_COLUMNS}  # replaced, not read
     if columns.prompt not in names and columns.messages not in names:
         raise InputError(
             f"{path}: no '{columns.prompt}' or '{columns.messages}' column "
@@ -60,13 +70,16 @@ def _records(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, dict[str,
             yield f"row {row}", record
 
 
-def _with_generated(batch: pa.RecordBatch | pa.Table, results: Sequence[RowResult], shape: OutputShape):
+def _with_generated(
+    batch: pa.RecordBatch | pa.Table, results: Sequence[RowResult], shape: OutputShape, prefix: str
+):
     """Drop any generated columns a previous run left, then append this run's."""
-    kept = [name for name in batch.schema.names if name not in GENERATED_COLUMNS]
+    generated = {prefix + name for name in GENERATED_COLUMNS}
+    kept = [name for name in batch.schema.names if name not in generated]
     table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
     table = table.select(kept)
-    rows = [r.columns(shape) for r in results]
-    for field in generated_schema(shape):
+    rows = [r.columns(shape, prefix) for r in results]
+    for field in generated_schema(shape, prefix):
         table = table.append_column(field, pa.array([row[field.name] for row in rows], type=field.type))
     return table
 
@@ -94,14 +107,21 @@ class ParquetSource(PromptSource):
         with atomic_file(output) as tmp:
             try:
                 for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                    table = _with_generated(batch, results[start : start + batch.num_rows], context.shape)
+                    table = _with_generated(
+                        batch,
+                        results[start : start + batch.num_rows],
+                        context.shape,
+                        self.columns.output_prefix,
+                    )
                     start += batch.num_rows
                     if writer is None:
                         schema = table.schema.with_metadata(pf.schema_arrow.metadata)
                         writer = pq.ParquetWriter(tmp, schema)
                     writer.write_table(table)
                 if writer is None:  # no rows: still write the schema
-                    empty = _with_generated(pf.schema_arrow.empty_table(), [], context.shape)
+                    empty = _with_generated(
+                        pf.schema_arrow.empty_table(), [], context.shape, self.columns.output_prefix
+                    )
                     writer = pq.ParquetWriter(tmp, empty.schema)
             finally:
                 if writer is not None:
@@ -140,6 +160,8 @@ class DatasetFolderSource(PromptSource):
         ds = self._dataset()
         if len(ds) != len(results):
             raise ValueError(f"{len(results)} results for {len(ds)} rows")
-        out = datasets.Dataset(_with_generated(ds.data.table, results, context.shape))
+        out = datasets.Dataset(
+            _with_generated(ds.data.table, results, context.shape, self.columns.output_prefix)
+        )
         with atomic_dir(output) as tmp:
             out.save_to_disk(str(tmp))

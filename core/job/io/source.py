@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import sys
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -9,6 +13,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from batchrun.core.job.rows import Columns, OutputShape, RowResult
+
+STDIO = Path("-")  # input from stdin, output to stdout (JSONL only)
+
+
+def spool_stdin() -> Path:
+    """Copy stdin to a temporary ``stdin.jsonl`` (removed at exit) and return its path."""
+    folder = Path(tempfile.mkdtemp(prefix="batchrun-stdin-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "stdin.jsonl"
+    with open(path, "wb") as f:
+        shutil.copyfileobj(sys.stdin.buffer, f)
+    return path
 
 
 @dataclass(frozen=True)
