@@ -58,6 +58,7 @@ class ConsoleObserver(JobObserver):
             self._emit({"event": "run", **info.__dict__}, "")
         else:
             self.console.print(f"batchrun: {info.line()}", highlight=False, soft_wrap=True)
+            self.console.print(f"batchrun: {info.reasons()}", highlight=False, soft_wrap=True)
 
     def started(self, total_rows: int, prompt_tokens: int = 0, expected_output_tokens: int = 0) -> None:
         self.total = total_rows

@@ -45,8 +45,15 @@ def sample_copy(tmp_path, name="docs.jsonl"):
     return src
 
 
+# Resumed rows are compared with a clean run's token for token: float32, because in bf16 (the
+# bundled checkpoint's dtype, which auto keeps on CPUs with AMX / AVX-512 bf16) a row's
+# numerics depend on the batch it ran in, and a resumed run batches rows differently.
+EXACT = "float32"
+
+
 def config(src, out, **kw):
     kw.setdefault("sampling", {"max_tokens": 6})
+    kw.setdefault("dtype", EXACT)
     return JobConfig(input=src, model=kw.pop("model", TINY_LLAMA), output=out, **kw)
 
 
@@ -207,7 +214,7 @@ def slow_job(tmp_path):
         for i in range(48)
     ]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return src, ["--max-tokens", "24", "--ignore-eos", "--token-budget", "8"]
+    return src, ["--max-tokens", "24", "--ignore-eos", "--token-budget", "8", "--dtype", EXACT]
 
 
 def spawn(*args, patch=""):

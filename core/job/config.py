@@ -65,13 +65,19 @@ class RunInfo:
     block_size: int
     kv_bytes: int
     bundled_model: bool = False  # the random-weight demo model: output is gibberish
+    attention: str = ""  # the attention backend
+    dtype_choice: str = ""  # why that dtype, e.g. "auto: the checkpoint's bfloat16"
+    attention_choice: str = ""  # why that backend, e.g. "auto: the torch reference on cpu"
 
     def line(self) -> str:
         kv = f"{self.kv_blocks} blocks x {self.block_size} tokens ({self.kv_bytes / 2**20:,.1f} MiB)"
         return (
             f"model={self.model} ({self.architecture}) device={self.device} dtype={self.dtype} "
-            f"sampling={self.sampling} max_tokens={self.max_tokens} kv={kv}"
+            f"attention={self.attention} sampling={self.sampling} max_tokens={self.max_tokens} kv={kv}"
         )
+
+    def reasons(self) -> str:
+        return f"dtype {self.dtype_choice}; attention {self.attention_choice}"
 
 
 class JobObserver:

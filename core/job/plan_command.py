@@ -145,7 +145,8 @@ def plan_job(
     lap("plan")
 
     torch_device = resolve_device(device)
-    spec = KVCacheSpec.from_config(checkpoint.config, resolve_dtype("auto", torch_device), block_size)
+    dtype = resolve_dtype("auto", torch_device, getattr(checkpoint.text_config, "dtype", None))
+    spec = KVCacheSpec.from_config(checkpoint.config, dtype, block_size)
     budget = kv_budget(model, torch_device, kv_memory)
     lru = lru_computed_tokens(plan.tree, prompts.lengths, runnable, budget // spec.bytes_per_block)
     lap("lru baseline")

@@ -201,7 +201,7 @@ def generate(
         assert loaded is not None, "rows to generate but no model loaded"
         engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
         observer.engine_started(engine.info)
-        info = run_info(config, checkpoint, engine.info)
+        info = run_info(config, checkpoint, engine.info, loaded.dtype_choice)
         observer.run_info(info)
         if report is not None:
             report.run_info(info)
@@ -237,7 +237,9 @@ def step_stats(stats: EngineStats) -> StepStats:
     )
 
 
-def run_info(config: JobConfig, checkpoint: Checkpoint, engine: EngineInfo) -> RunInfo:
+def run_info(
+    config: JobConfig, checkpoint: Checkpoint, engine: EngineInfo, dtype_choice: str = ""
+) -> RunInfo:
     """Model, device, dtype, sampling and KV of this run, for the log and the report."""
     defaults = job_defaults(checkpoint, config.sampling)
     if defaults.greedy:
@@ -258,4 +260,7 @@ def run_info(config: JobConfig, checkpoint: Checkpoint, engine: EngineInfo) -> R
         block_size=engine.block_size,
         kv_bytes=engine.kv_cache_bytes,
         bundled_model=config.model.resolve() == BUNDLED_MODEL,
+        attention=engine.attention_backend,
+        dtype_choice=dtype_choice,
+        attention_choice=engine.attention_backend_choice,
     )

@@ -27,6 +27,7 @@ class LoadedModel:
     dtype: torch.dtype
     eos_token_ids: tuple[int, ...]
     max_context: int  # positions the model supports (prompt + output)
+    dtype_choice: str = ""  # why this dtype (for the log and the report)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,13 +38,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # float32 on CPU (exact, and the oracle's dtype); bfloat16 on GPUs that have it.
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cpu_has_fast(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` natively (AMX or AVX-512 bf16 / AMX fp16)."""
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.cpu._is_amx_fp16_supported()
+    return dtype == torch.float32
+
+
+def resolve_dtype(
+    name: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None
+) -> torch.dtype:
+    return choose_dtype(name, device, checkpoint_dtype)[0]
+
+
+def choose_dtype(
+    name: str, device: torch.device, checkpoint_dtype: torch.dtype | None = None
+) -> tuple[torch.dtype, str]:
+    """The dtype for weights and KV, and why. ``auto`` follows the checkpoint, as transformers
+    and vLLM do: its own dtype, except float32 on a GPU (bfloat16, or float16 where the GPU
+    lacks bfloat16) and a half-precision checkpoint on a CPU without fast arithmetic for it
+    (float32)."""
+    if name != "auto":
+        return DTYPES[name], f"--dtype {name}"
+    stored = checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.float32
+    label = str(stored).removeprefix("torch.")
+    if device.type == "cuda":
+        if stored != torch.float32:
+            return stored, f"auto: the checkpoint's {label}"
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return half, f"auto: a float32 checkpoint runs in {str(half).removeprefix('torch.')} on the GPU"
+    if stored == torch.float32 or cpu_has_fast(stored):
+        return stored, f"auto: the checkpoint's {label}"
+    return torch.float32, f"auto: the checkpoint is {label} but this CPU has no fast {label}, so float32"
 
 
 def load_model(checkpoint: Checkpoint | Path, device: str = "auto", dtype: str = "auto") -> LoadedModel:
@@ -51,7 +82,9 @@ def load_model(checkpoint: Checkpoint | Path, device: str = "auto", dtype: str =
     if not isinstance(checkpoint, Checkpoint):
         checkpoint = open_checkpoint(checkpoint)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype, dtype_choice = choose_dtype(
+        dtype, torch_device, getattr(checkpoint.text_config, "dtype", None)
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             checkpoint.path,
@@ -72,6 +105,7 @@ def load_model(checkpoint: Checkpoint | Path, device: str = "auto", dtype: str =
         dtype=torch_dtype,
         eos_token_ids=eos_token_ids(model, checkpoint.tokenizer),
         max_context=checkpoint.max_context,
+        dtype_choice=dtype_choice,
     )
 
 

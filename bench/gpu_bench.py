@@ -1,0 +1,368 @@
+"""GPU benchmark: BatchLLM's workload shape on a 7-8B model shape, batchrun vs its ablations vs
+transformers ``generate``, with MFU and attention bandwidth against the device's own peaks.
+
+    python bench/gpu_bench.py                     # on one GPU: Llama-3.1-8B shape, bf16 (~6 min)
+    python bench/gpu_bench.py --shape qwen2.5-7b  # Qwen2.5-7B's shape instead
+    python bench/gpu_bench.py --smoke             # a tiny shape on the CPU: checks the harness
+
+A benchmark, not a test: it prints one table (and ``--json PATH``) and asserts nothing.
+Nothing is downloaded: the model is built from a config with random bf16 weights, directly
+on the device, and the bundled tokenizer only decodes. Prompts are token ids.
+
+Workloads (BatchLLM's microbenchmark): groups of 16 prompts sharing a 2,000-token context,
+each with its own 200-token suffix, 100 output tokens, EOS ignored, rows shuffled; at 512 and
+2,048 prompts; and ``unique``: 512 prompts of 2,200 tokens sharing nothing. Systems, each in
+a fresh process (its own peak memory):
+
+* ``batchrun`` — the plan, ``--attention-backend auto``;
+* ``batchrun plain`` — ``--no-prefix-sharing --order input``;
+* ``batchrun torch`` — the torch reference backend (512 prompts only);
+* ``generate`` — transformers ``generate``, left-padded batches, SDPA, the largest batch that
+  fits (halved on out-of-memory).
+
+MFU counts 2 FLOPs per non-embedding parameter per token actually computed (prompt tokens
+after sharing + output tokens) against a bf16 matmul timed here; decode attention bandwidth
+is K/V bytes read per second in a decode-only step against a device copy timed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "sample_jobs" / "models" / "tiny-llama"
+SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
+    "llama3.1-8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32000,
+    ),
+    "qwen2.5-7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=32000,
+    ),
+    "smoke": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=2048,
+    ),
+}
+WORKLOADS = {  # groups x members, shared tokens, own tokens, output tokens
+    "batchllm-512": (32, 16, 2000, 200, 100),
+    "batchllm-2048": (128, 16, 2000, 200, 100),
+    "unique-512": (512, 1, 0, 2200, 100),
+    "smoke": (2, 4, 40, 8, 4),
+}
+SYSTEMS = ("batchrun", "batchrun plain", "batchrun torch", "generate")
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, attention: str):
+    """A random-weight Llama-architecture model of ``shape``, built on ``device``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+    return model.eval()
+
+
+def workload(name: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], int]:
+    """Token-id prompts in shuffled file order, and the output length."""
+    groups, members, shared, own, out = WORKLOADS[name]
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(groups):
+        context = rng.integers(3, vocab, shared).tolist()
+        prompts += [context + rng.integers(3, vocab, own).tolist() for _ in range(members)]
+    random.Random(seed).shuffle(prompts)
+    return prompts, out
+
+
+def run_batchrun(model, prompts, out_tokens, backend: str, sharing: bool, budget: int) -> dict:
+    from batchrun.core.checkpoint import open_checkpoint
+    from batchrun.core.engine.config import EngineConfig
+    from batchrun.core.engine.engine import build_engine
+    from batchrun.core.job.requests import make_requests
+    from batchrun.core.job.rows import Row
+    from batchrun.core.params import SamplingParams
+    from batchrun.core.planner.plan import build_plan
+    from batchrun.core.planner.prompt_tokens import PromptTokens
+    from batchrun.core.runner.model_loader import LoadedModel
+
+    device = next(model.parameters()).device
+    tokenizer = open_checkpoint(TOKENIZER).tokenizer
+    loaded = LoadedModel("bench", TOKENIZER, model, tokenizer, device, model.dtype, (2,), 8192)
+    config = EngineConfig(token_budget=budget, attention_backend=backend)
+    sync(device)
+    start = time.perf_counter()
+    tokens = PromptTokens.from_lists(prompts)
+    limits = np.full(len(prompts), out_tokens)
+    order = "plan" if sharing else "input"
+    plan = build_plan(
+        tokens, np.ones(len(prompts), bool), limits, config.block_size, sharing=sharing, order=order
+    )
+    rows = [
+        Row(i, str(i), f"row {i}", params=SamplingParams(max_tokens=out_tokens, ignore_eos=True))
+        for i in range(len(prompts))
+    ]
+    engine = build_engine(loaded, config, useful_tokens=int(tokens.lengths.sum() + limits.sum()))
+    for _ in engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=sharing)):
+        pass
+    sync(device)
+    seconds = time.perf_counter() - start
+    stats = engine.stats
+    return {
+        "seconds": seconds,
+        "computed_tokens": stats.prefill_tokens + stats.decode_tokens,
+        "prompt_tokens_computed": stats.prefill_tokens,
+        "steps": stats.steps,
+        "step_ms": 1e3 * stats.seconds / max(stats.steps, 1),
+        "backend": engine.info.attention_backend,
+    }
+
+
+def run_generate(model, prompts, out_tokens, batch: int) -> dict:
+    device = next(model.parameters()).device
+    sync(device)
+    start = time.perf_counter()
+    while True:
+        try:
+            for i in range(0, len(prompts), batch):
+                chunk = prompts[i : i + batch]
+                width = max(map(len, chunk))
+                ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+                with torch.inference_mode():
+                    model.generate(
+                        ids,
+                        attention_mask=mask,
+                        max_new_tokens=out_tokens,
+                        min_new_tokens=out_tokens,
+                        do_sample=False,
+                        pad_token_id=0,
+                    )
+            break
+        except torch.OutOfMemoryError:
+            batch //= 2
+            torch.cuda.empty_cache()
+            if batch == 0:
+                raise
+            start = time.perf_counter()
+    sync(device)
+    computed = sum(map(len, prompts)) + len(prompts) * out_tokens
+    return {
+        "seconds": time.perf_counter() - start,
+        "computed_tokens": computed,
+        "prompt_tokens_computed": sum(map(len, prompts)),
+        "batch": batch,
+    }
+
+
+def child(args) -> None:
+    """One system on one workload in this process; print JSON."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    system = args.system
+    attention = "sdpa" if system == "generate" else _batchrun_attention()
+    model = build_model(args.shape, device, dtype, attention)
+    prompts, out_tokens = workload(
+        args.workload, SHAPES[args.shape]["vocab_size"] if args.shape == "smoke" else 2048
+    )
+    if system == "generate":
+        result = run_generate(model, prompts, out_tokens, args.hf_batch)
+    else:
+        backend = "torch" if system == "batchrun torch" else "auto"
+        result = run_batchrun(
+            model, prompts, out_tokens, backend, system != "batchrun plain", args.token_budget
+        )
+    params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
+    result |= {"prompts": len(prompts), "output_tokens": len(prompts) * out_tokens, "params": params}
+    if device.type == "cuda":
+        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps(result))
+
+
+def _batchrun_attention() -> str:
+    from batchrun.core.runner.attention_hook import register_attention
+
+    return register_attention()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_tflops(device: torch.device, n: int) -> float:
+    """A timed square matmul in bf16 (fp32 on CPU): the device's reachable FLOP rate."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def copy_gbps(device: torch.device, nbytes: int) -> float:
+    """A timed device copy: the memory bandwidth attention is compared with (read + write)."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    for _ in range(2):
+        src.clone()
+    sync(device)
+    start, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        src.clone()
+    sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - start) / 1e9
+
+
+def decode_attention_gbps(device: torch.device, backend_name: str, seqs: int, keys: int) -> float:
+    """K/V bytes read per second by one decode-only step's attention (8 KV heads, dim 128)."""
+    from batchrun.core.runner.input_batch import StepInputs
+    from batchrun.core.runner.model_runner import attention_metadata
+    from batchrun.kernels import get_backend
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    block, kv_heads, dim = 16, 8, 128
+    blocks_per_seq = -(-keys // block)
+    num_blocks = seqs * blocks_per_seq
+    k = torch.randn(num_blocks + 1, block, kv_heads, dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    q = torch.randn(seqs, kv_heads * 4, dim, device=device, dtype=dtype)
+    tables = np.arange(num_blocks, dtype=np.int32).reshape(seqs, blocks_per_seq)
+    inputs = StepInputs(
+        req_ids=tuple(range(seqs)),
+        input_ids=np.zeros(seqs, np.int64),
+        positions=np.full(seqs, keys - 1),
+        slot_mapping=np.zeros(seqs, np.int64),
+        cu_seqlens_q=np.arange(seqs + 1, dtype=np.int32),
+        seq_lens=np.full(seqs, keys, np.int32),
+        block_tables=tables,
+        group_keys=np.full(seqs, -1),
+        group_prefix_lens=np.zeros(seqs, np.int64),
+        sample_rows=np.arange(seqs),
+        sample_req_ids=(),
+    )
+    backend = get_backend(backend_name)
+    state = backend.build(
+        attention_metadata(inputs, num_blocks, block, lambda a: torch.from_numpy(a).to(device))
+    )
+    backend.forward(state, q, k, v, dim**-0.5)
+    sync(device)
+    start, reps = time.perf_counter(), 5
+    for _ in range(reps):
+        backend.forward(state, q, k, v, dim**-0.5)
+    sync(device)
+    return 2 * seqs * keys * kv_heads * dim * k.element_size() * reps / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="llama3.1-8b", choices=list(SHAPES))
+    parser.add_argument("--workloads", nargs="+", default=["batchllm-512", "batchllm-2048", "unique-512"])
+    parser.add_argument("--token-budget", type=int, default=8192)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: check the harness")
+    parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--system", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.system:
+        return child(args)
+    if args.smoke:
+        args.shape, args.workloads, args.device, args.token_budget, args.hf_batch = (
+            "smoke",
+            ["smoke"],
+            "cpu",
+            64,
+            8,
+        )
+    device = torch.device(args.device)
+    peak = matmul_tflops(device, 8192 if device.type == "cuda" else 512)
+    copy = copy_gbps(device, 2**30 if device.type == "cuda" else 2**24)
+    print(
+        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: "
+        f"matmul {peak:.1f} TFLOP/s, copy {copy:.0f} GB/s"
+    )
+    for backend in ("torch", "triton") if device.type == "cuda" else ("torch",):
+        seqs, keys = (256, 2200) if device.type == "cuda" else (8, 64)
+        gbps = decode_attention_gbps(device, backend, seqs, keys)
+        share = gbps / copy
+        print(
+            f"decode attention ({backend}, {seqs} seqs x {keys} keys): {gbps:.0f} GB/s = {share:.0%} of copy"
+        )
+    results = []
+    columns = ("s", "prompts/s", "tok/s", "prompt computed", "steps", "ms/step", "MFU")
+    widths = (8, 10, 9, 16, 6, 8, 6)
+    print(
+        f"{'workload':<14} {'system':<15} "
+        + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    )
+    for name in args.workloads:
+        for system in SYSTEMS:
+            if system == "batchrun torch" and name not in ("batchllm-512", "smoke"):
+                continue
+            command = [
+                sys.executable,
+                __file__,
+                "--system",
+                system,
+                "--workload",
+                name,
+                "--shape",
+                args.shape,
+                "--device",
+                args.device,
+                "--token-budget",
+                str(args.token_budget),
+                "--hf-batch",
+                str(args.hf_batch),
+            ]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{name:<14} {system:<15} failed: {done.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1]) | {"workload": name, "system": system}
+            mfu = 2 * r["params"] * r["computed_tokens"] / r["seconds"] / (peak * 1e12)
+            r |= {"prompts_per_s": r["prompts"] / r["seconds"], "mfu": mfu}
+            results.append(r)
+            print(
+                f"{name:<14} {system:<15} {r['seconds']:8.1f} {r['prompts_per_s']:10.2f} "
+                f"{r['output_tokens'] / r['seconds']:9.0f} {r['prompt_tokens_computed']:16,} "
+                f"{r.get('steps', '-'):>6} {r.get('step_ms', float('nan')):8.1f} {mfu:6.1%}"
+            )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"matmul_tflops": peak, "copy_gbps": copy, "results": results}, indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()

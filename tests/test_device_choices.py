@@ -1,0 +1,60 @@
+"""What auto picks, and says it picked: the dtype from the checkpoint and the attention backend
+from the device and the model (no model run here)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import Gemma2Config
+
+from batchrun.core.engine.config import EngineConfig
+from batchrun.core.engine.engine import choose_backend
+from batchrun.core.errors import InputError
+from batchrun.core.runner import model_loader
+from batchrun.core.runner.kv_cache import KVCacheSpec
+from batchrun.core.runner.model_loader import choose_dtype
+
+from helpers import COMMON
+
+CPU = torch.device("cpu")
+
+
+def test_auto_dtype_follows_the_checkpoint(monkeypatch):
+    assert choose_dtype("auto", CPU, torch.float32) == (torch.float32, "auto: the checkpoint's float32")
+    assert choose_dtype("auto", CPU, None)[0] == torch.float32
+    assert choose_dtype("bfloat16", CPU, torch.float32) == (torch.bfloat16, "--dtype bfloat16")
+    monkeypatch.setattr(model_loader, "cpu_has_fast", lambda dtype: True)
+    assert choose_dtype("auto", CPU, torch.bfloat16) == (torch.bfloat16, "auto: the checkpoint's bfloat16")
+    monkeypatch.setattr(model_loader, "cpu_has_fast", lambda dtype: dtype == torch.float32)
+    dtype, why = choose_dtype("auto", CPU, torch.bfloat16)
+    assert dtype == torch.float32 and "no fast bfloat16" in why
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    cuda = torch.device("cuda")
+    assert choose_dtype("auto", cuda, torch.float32)[0] == torch.bfloat16
+    assert choose_dtype("auto", cuda, torch.float16)[0] == torch.float16
+
+
+def fake_loaded(config, device=CPU, dtype=torch.float32):
+    return SimpleNamespace(model=SimpleNamespace(config=config), device=device, dtype=dtype)
+
+
+def spec(config, block_size=16):
+    return KVCacheSpec.from_config(config, torch.float32, block_size)
+
+
+def test_auto_takes_the_torch_reference_on_cpu_and_says_why():
+    config = Gemma2Config(**COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=20.0)
+    backend, why = choose_backend(EngineConfig(), fake_loaded(config), spec(config))
+    assert backend.name == "torch" and why == "auto: the torch reference on cpu"
+
+
+def test_a_named_backend_that_cannot_run_the_model_is_refused_before_any_work():
+    pytest.importorskip("triton")  # the conftest runs it under the interpreter on CPU
+    config = Gemma2Config(**{**COMMON, "hidden_size": 96}, head_dim=24)  # not a power of two
+    with pytest.raises(InputError, match="head dims .* not 24.*--attention-backend"):
+        choose_backend(EngineConfig(attention_backend="triton"), fake_loaded(config), spec(config))
+    fine = Gemma2Config(**COMMON, head_dim=16)
+    backend, why = choose_backend(EngineConfig(attention_backend="triton"), fake_loaded(fine), spec(fine))
+    assert backend.name == "triton" and why == "chosen with --attention-backend"
