@@ -11,7 +11,7 @@ from batchrun.core.engine.engine import build_engine
 from batchrun.core.engine.stop import StopChecker
 from batchrun.core.params import SamplingParams
 from batchrun.core.runner.model_loader import load_model
-from batchrun.core.runner.sampler import History, apply_penalties
+from batchrun.core.runner.sampler import History, apply_penalties, sample_rows
 from batchrun.core.sched.request import Request
 
 from helpers import reference_generate
@@ -166,3 +166,39 @@ def test_logprobs_carry_each_tokens_text(loaded):
     first = done.logprobs[0]
     assert first["token"] == done.token_ids[0] and first["text"] == loaded.tokenizer.decode([first["token"]])
     assert [t["text"] for t in first["top"]] == [loaded.tokenizer.decode([t["token"]]) for t in first["top"]]
+
+
+def draw_frequencies(probs: list[float], draws: int, **params) -> torch.Tensor:
+    """Empirical distribution of ``sample_rows`` over many output positions of one row."""
+    logits = torch.log(torch.tensor([probs] * draws))
+    p = SamplingParams(temperature=1.0, **params)
+    tokens = sample_rows(logits, [p] * draws, [7] * draws, list(range(draws)))
+    return torch.bincount(tokens, minlength=len(probs)) / draws
+
+
+def test_batched_sampling_draws_from_the_filtered_distribution():
+    probs = [0.5, 0.3, 0.15, 0.05]
+    full = draw_frequencies(probs, 20000)
+    assert torch.allclose(full, torch.tensor(probs), atol=0.02), full
+    nucleus = draw_frequencies(probs, 20000, top_p=0.7)  # keeps 0.5 and 0.3, renormalised
+    assert torch.allclose(nucleus, torch.tensor([0.625, 0.375, 0, 0]), atol=0.02), nucleus
+    floor = draw_frequencies(probs, 20000, min_p=0.25)  # drops what is below 0.125
+    assert torch.allclose(floor, torch.tensor([0.5, 0.3, 0.15, 0]) / 0.95, atol=0.02), floor
+    assert draw_frequencies(probs, 500, top_k=2)[2:].sum() == 0
+
+
+def test_a_rows_sample_does_not_depend_on_its_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 50)
+    params = [SamplingParams(temperature=0.8, top_p=0.9)] * 6
+    seeds, positions = [11, 12, 13, 14, 15, 16], [0, 3, 5, 7, 9, 2]
+    together = sample_rows(logits, params, seeds, positions)
+    alone = [
+        sample_rows(logits[i : i + 1], params[:1], seeds[i : i + 1], positions[i : i + 1]) for i in range(6)
+    ]
+    assert together.tolist() == [int(a) for a in alone]
+    shuffled = [5, 2, 0, 4, 1, 3]
+    again = sample_rows(
+        logits[shuffled], params, [seeds[i] for i in shuffled], [positions[i] for i in shuffled]
+    )
+    assert again.tolist() == [together[i].item() for i in shuffled]

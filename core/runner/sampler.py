@@ -1,10 +1,16 @@
-"""Next-token selection for one step: greedy rows in one argmax; sampled rows (temperature,
-top-k, top-p, min-p) each with a generator seeded from the request's seed and the token's
-index. Before either, the rows that ask for them get vLLM's logits processors: repetition,
-presence and frequency penalties, and ``min_tokens`` (EOS and stop tokens masked).
+"""Next-token selection for one step, batched and on the logits' device.
 
-Seeding by ``(seed, k)`` for output token ``k`` makes a sample depend on nothing but the
-row: not on which rows share its step, not on a preemption, not on which worker runs it.
+* Logits processors first, for the rows that ask (vLLM's): repetition, presence and
+  frequency penalties, and ``min_tokens`` (EOS and stop tokens masked).
+* Greedy rows: one argmax over all of them.
+* Sampled rows, all at once: temperature, then top-k, min-p and top-p on the sorted
+  distribution, then the Gumbel-max trick — ``argmax(logits / T + g)`` with Gumbel noise
+  ``g = -log(-log(u))`` draws exactly from the filtered softmax.
+
+The uniform ``u`` of token ``v`` in output position ``k`` of a request seeded ``s`` is a hash of
+``(s, k, v)`` computed with integer tensor ops (counter-based, like Philox), not a generator's
+state: a row's sample depends on nothing but the row — not on the rows beside it, a
+preemption, the worker, or the device. Only the sampled ids come back to the host, once.
 """
 
 from __future__ import annotations
@@ -16,15 +22,7 @@ import torch
 
 from batchrun.core.params import SamplingParams
 
-_MASK64 = (1 << 64) - 1
-
-
-def token_seed(seed: int, index: int) -> int:
-    """A 63-bit seed for output token ``index`` of a request seeded ``seed`` (splitmix64)."""
-    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 1
+_LOW32 = 0xFFFFFFFF
 
 
 class History(NamedTuple):
@@ -53,29 +51,70 @@ def sample(
                 if t < logits.shape[1]
             ]
             logits[i, banned] = float("-inf")
-    tokens = torch.argmax(logits, dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            generator = torch.Generator().manual_seed(token_seed(seeds[i] or 0, output_lens[i]))
-            tokens[i] = _sample_one(logits[i], p, generator)
-    return tokens
+    tokens = torch.argmax(logits, dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        chosen = sample_rows(
+            logits[rows],
+            [params[i] for i in sampled],
+            [seeds[i] or 0 for i in sampled],
+            [output_lens[i] for i in sampled],
+        )
+        tokens[rows] = chosen
+    return tokens.tolist()  # the step's one device-to-host copy
 
 
-def _sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    logits = logits.cpu() / params.temperature  # (vocab,)
-    if 0 < params.top_k < logits.numel():
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if params.min_p > 0.0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
-        sorted_probs[drop] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def sample_rows(
+    logits: torch.Tensor,  # (R, V) float32, rows that sample
+    params: list[SamplingParams],
+    seeds: list[int],
+    positions: list[int],  # output index of the token being drawn, per row
+) -> torch.Tensor:
+    """Temperature, top-k, min-p, top-p and a counter-seeded Gumbel-max draw; (R,) int64."""
+    device, vocab = logits.device, logits.shape[1]
+    column = lambda values, dtype: torch.tensor(values, dtype=dtype, device=device)[:, None]  # noqa: E731
+    scaled = logits / column([p.temperature for p in params], torch.float32)
+    ordered, order = torch.sort(scaled, dim=-1, descending=True)  # (R, V): best first
+    rank = torch.arange(vocab, device=device)[None, :]
+    top_k = column([p.top_k if 0 < p.top_k < vocab else vocab for p in params], torch.int64)
+    ordered = ordered.masked_fill(rank >= top_k, float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)  # of what top-k left
+    min_p = column([p.min_p for p in params], torch.float32)
+    keep = probs >= min_p * probs[:, :1]
+    probs = torch.where(keep, probs, 0.0)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    # top-p: the smallest prefix whose mass reaches top_p; the best token always stays
+    top_p = column([p.top_p for p in params], torch.float32)
+    keep &= torch.cumsum(probs, dim=-1) - probs < top_p
+    keep[:, 0] = True
+    noise = gumbel(column(seeds, torch.int64), column(positions, torch.int64), order)
+    pick = torch.argmax(ordered.masked_fill(~keep, float("-inf")) + noise, dim=-1, keepdim=True)
+    return order.gather(1, pick)[:, 0]
+
+
+def gumbel(seeds: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Gumbel noise ``-log(-log(u))`` with ``u`` in (0, 1) a hash of (seed, position, token id);
+    seeds, positions (R, 1) int64, tokens (R, V) int64 -> (R, V) float32.
+
+    32-bit lanes in int64 tensors: the low 32 bits of every product are exact (int64 wraps),
+    so the bits are the same on any device."""
+    seed_lo, seed_hi = seeds & _LOW32, (seeds >> 32) & _LOW32
+    x = (seed_lo ^ (positions * 0x9E3779B1 & _LOW32)) & _LOW32
+    x = _mix32(x ^ seed_hi)
+    x = _mix32(x ^ (tokens * 0x85EBCA77 & _LOW32))  # (R, V)
+    x = _mix32(x ^ (positions * 0xC2B2AE3D & _LOW32))
+    u = (x.to(torch.float64) + 0.5) / 2.0**32  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u)).to(torch.float32)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser on int64 lanes holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _LOW32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _LOW32
+    return x ^ (x >> 16)
 
 
 def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: History) -> None:

@@ -13,6 +13,7 @@ from batchrun.core.errors import InputError
 from batchrun.core.job.io.atomic import atomic_file
 from batchrun.core.job.io.source import STDIO, OutputContext, PromptSource
 from batchrun.core.job.rows import GENERATED_COLUMNS, ROW_PROBLEM, Columns, RowResult, earlier_run_columns
+from batchrun.core.params import ROW_PARAM_KEYS
 
 
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -81,22 +82,9 @@ class JsonlSource(PromptSource):
 # OpenAI Batch API: https://platform.openai.com/docs/guides/batch (request and output lines).
 OPENAI_COLUMNS = Columns(prompt="body.prompt", messages="body.messages", id="custom_id")
 OPENAI_URLS = {"/v1/chat/completions": "chat.completion", "/v1/completions": "text_completion"}
-# Body keys read as the row's sampling parameters (OpenAI's, and vLLM's extra ones).
-OPENAI_SAMPLING_KEYS = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "stop",
-    "stop_token_ids",
-    "include_stop_str_in_output",
-    "min_tokens",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "n",
-)
+# Body keys read as the row's sampling parameters (OpenAI's, and vLLM's extra ones); the
+# token limit and logprobs have OpenAI spellings of their own, mapped in ``_fields``.
+OPENAI_SAMPLING_KEYS = tuple(k for k in ROW_PARAM_KEYS if k not in ("max_tokens", "logprobs"))
 
 
 def is_openai_batch(obj: dict[str, Any] | None) -> bool:
