@@ -80,7 +80,18 @@ def reference_generate(
     return outputs
 
 
-def run_engine(loaded, prompts, max_tokens, *, sharing=True, order="plan", n=1, seed=None, **engine_kwargs):
+def run_engine(
+    loaded,
+    prompts,
+    max_tokens,
+    *,
+    sharing=True,
+    order="plan",
+    n=1,
+    seed=None,
+    wrap_runner=None,
+    **engine_kwargs,
+):
     """Plan the prompts, run the plan's requests, check nothing leaked; tokens per row
     (per sample with ``n > 1``)."""
     config = EngineConfig(**engine_kwargs)
@@ -103,6 +114,8 @@ def run_engine(loaded, prompts, max_tokens, *, sharing=True, order="plan", n=1, 
         for i, m in enumerate(max_tokens)
     ]
     engine = build_engine(loaded, config)
+    if wrap_runner is not None:  # e.g. to pass every message through pickle
+        engine.runner.execute = wrap_runner(engine.runner.execute)
     done = {}
     for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=sharing)):
         done[c.row, c.sample_index] = c

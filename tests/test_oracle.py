@@ -177,3 +177,37 @@ def test_a_request_that_can_never_fit_the_pool_gets_an_error_and_the_rest_run(lo
     assert done[len(prompts)].finish_reason == "error" and "whole pool" in done[len(prompts)].error
     assert [done[i].token_ids for i in range(len(prompts))] == expected
     assert engine.kv.num_free == engine.kv.pool.num_blocks and not engine.kv.prefixes.segments
+
+
+def test_the_oracle_holds_when_every_message_crosses_a_process_boundary(loaded, workload, expected):
+    """The scheduler and the runner share nothing but messages: pickling every step plan on
+    its way in and every result on its way out (what another process would receive) changes
+    nothing, preemption and shared segments included."""
+    import pickle
+
+    prompts, max_tokens = workload
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=2, head_dim=32, dtype=loaded.dtype, block_size=4)
+    largest = max(len(p) + n for p, n in zip(prompts, max_tokens, strict=True))
+    config = dict(
+        token_budget=32, block_size=4, kv_cache_bytes=(spec.blocks_for(largest) + 6) * spec.bytes_per_block
+    )
+    crossings = []
+
+    def remote(execute):
+        def run(plan):
+            crossings.append(1)
+            result = execute(pickle.loads(pickle.dumps(plan)))
+            return pickle.loads(pickle.dumps(result))
+
+        return run
+
+    got, engine = run_engine(
+        loaded,
+        prompts,
+        max_tokens,
+        scheduler=SchedulerConfig(min_observed=1, growth_margin=0.1),
+        **config,
+        wrap_runner=remote,
+    )
+    assert got == expected and len(crossings) == engine.stats.steps
+    assert engine.stats.preemptions > 0 and engine.stats.cached_prompt_tokens > 0
