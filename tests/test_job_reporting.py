@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 from rich.console import Console
@@ -80,7 +81,13 @@ def test_ctrl_c_keeps_rows_then_status_and_resume_say_so(capsys, monkeypatch, tm
     assert "run the same command again to resume" in message
     # What ran was said before generating, with the demo model called out.
     assert "using the bundled demo model" in message and "RANDOM weights" in message
-    assert "(LlamaForCausalLM) device=cpu dtype=float32 sampling=greedy max_tokens=3 kv=" in message
+    # dtype auto keeps the checkpoint's bfloat16 on CPUs with fast bf16, float32 elsewhere
+    assert re.search(
+        r"\(LlamaForCausalLM\) device=cpu dtype=(bfloat16|float32) attention=torch sampling=greedy "
+        r"max_tokens=3 kv=",
+        message,
+    )
+    assert "dtype auto: the checkpoint" in message and "attention auto: the torch reference on cpu" in message
 
     code, stdout, err = run_cli(capsys, "status", out, "--json")
     status = json.loads(stdout)
