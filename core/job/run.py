@@ -27,14 +27,15 @@ from batchrun.core.job.config import (
 )
 from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
+from batchrun.core.job.io.convert import Writer
 from batchrun.core.job.journal import Journal, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.job.prepare import (
     check_writable,
     effective_seed,
     job_defaults,
+    job_output,
     make_plan,
-    output_path,
     read_rows,
     refuse_invalid_rows,
     rows_by_id,
@@ -61,8 +62,8 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     if checkpoint.sampling_defaults:
         defaults = " ".join(f"{k}={v}" for k, v in checkpoint.sampling_defaults.items())
         observer.phase(f"sampling defaults from {checkpoint.name}/generation_config.json: {defaults}")
-    source = open_source(config.input, config.columns)
-    output = output_path(config, source)
+    source = open_source(config.input, config.columns, config.limit)
+    output, write = job_output(config, source)
     check_writable(output)
     if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
@@ -71,10 +72,14 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     if config.strict:
         refuse_invalid_rows(source, rows)
     if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
-        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
+        return _run_locked(
+            config, observer, checkpoint, source, output, write, rows, time.perf_counter() - started
+        )
     with output_lock(output):
         remove_stale_temporaries(output)
-        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
+        return _run_locked(
+            config, observer, checkpoint, source, output, write, rows, time.perf_counter() - started
+        )
 
 
 def _run_locked(
@@ -83,6 +88,7 @@ def _run_locked(
     checkpoint: Checkpoint,
     source: PromptSource,
     output: Path,
+    write: Writer,
     rows: list[Row],
     read_s: float,
 ) -> JobSummary:
@@ -136,7 +142,7 @@ def _run_locked(
 
         observer.phase("writing")
         context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
-        source.write(output, results, context)
+        write(results, context)
         if side_files:
             write_errors(output, rows, results)
         lap("write")

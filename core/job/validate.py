@@ -29,6 +29,7 @@ def validate_file(
     sampling: dict | None = None,
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
+    limit: int | None = None,
 ) -> ValidationReport:
     """Read and check every row; with ``model``, also tokenize and check context lengths.
 
@@ -44,7 +45,7 @@ def validate_file(
         defaults = job_defaults(checkpoint, sampling or {})
     else:
         defaults = SamplingParams().with_overrides(sampling or {})
-    source = open_source(path, columns)
+    source = open_source(path, columns, limit)
     rows = read_rows(source, defaults)
     report = ValidationReport(path, source.format_name, len(rows))
     if checkpoint is not None:
