@@ -134,7 +134,7 @@ def plan_job(
         model, need_weights=False, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
     )
     source = open_source(input, columns, limit)
-    rows = read_rows(source, job_defaults(checkpoint, sampling or {}))
+    rows = read_rows(source, job_defaults(checkpoint, sampling or {}, source))
     lap("read")
 
     tokenizer, prompts, max_context, overflowing = tokenize_for(checkpoint, rows)

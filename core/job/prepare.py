@@ -29,7 +29,7 @@ from batchrun.core.job.io.shards import ParquetShardsSource
 from batchrun.core.job.plan_file import load_plan
 from batchrun.core.job.rows import Row, parse_row
 from batchrun.core.job.tokenize import tokenize_rows
-from batchrun.core.params import SamplingParams, row_seed
+from batchrun.core.params import ParamError, SamplingParams, row_seed
 from batchrun.core.planner.plan import Plan, build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
 
@@ -136,12 +136,27 @@ def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
 
 
 def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> list[int]:
-    """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context; return
-    their indices."""
+    """Give rows ``up_to_context`` their ``max_tokens`` (what the context leaves after the
+    prompt, capped by the job's); mark rows whose prompt plus ``max_tokens`` cannot fit in the
+    model's context and return their indices."""
     marked = []
     lengths = prompts.lengths.tolist()
     for row, length in zip(rows, lengths, strict=True):
         if row.error:
+            continue
+        if row.up_to_context:
+            room = max_context - length
+            if room < 1:
+                row.error = (
+                    f"{row.location}: the prompt ({length} tokens) fills the model's context of "
+                    f"{max_context} tokens; no room to generate"
+                )
+                marked.append(row.index)
+                continue
+            try:
+                row.params = row.params.with_overrides({"max_tokens": min(row.params.max_tokens, room)})
+            except ParamError as exc:  # min_tokens above what the context leaves
+                row.error = f"{row.location}: {exc} (max_tokens is what the context leaves after the prompt)"
             continue
         if length + row.params.max_tokens > max_context:
             row.error = (
@@ -152,9 +167,16 @@ def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> l
     return marked
 
 
-def job_defaults(checkpoint: Checkpoint, sampling: dict[str, Any]) -> SamplingParams:
-    """Row defaults: the checkpoint's generation config, overridden by the job's options."""
-    return SamplingParams().with_overrides(checkpoint.sampling_defaults | sampling)
+def job_defaults(
+    checkpoint: Checkpoint, sampling: dict[str, Any], source: PromptSource | None = None
+) -> SamplingParams:
+    """Row defaults: the format's own (OpenAI: temperature 1.0), overridden by the checkpoint's
+    generation config, overridden by the job's options. Rows that may generate up to the context
+    start from ``max_tokens`` = the whole context, or the job's cap if it sets one."""
+    base = dict(source.base_defaults) if source is not None else {}
+    if source is not None and source.format_name == "openai-batch":
+        base["max_tokens"] = checkpoint.max_context
+    return SamplingParams().with_overrides(base | checkpoint.sampling_defaults | sampling)
 
 
 class TokenizedRows(NamedTuple):

@@ -10,6 +10,7 @@ CLI renders both.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
     # A bad file fails here, having written nothing.
-    rows = read_rows(source, job_defaults(checkpoint, config.sampling))
+    rows = read_rows(source, job_defaults(checkpoint, config.sampling, source))
     if config.strict:
         refuse_invalid_rows(source, rows)
     if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
@@ -206,6 +207,13 @@ def generate(
     if requests:
         assert loaded is not None, "rows to generate but no model loaded"
         engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
+        capacity = engine.info.num_blocks * engine.info.block_size
+        if fitted := fit_to_kv(rows, prompts, capacity):
+            observer.phase(
+                f"{fitted} row(s) without their own max_tokens are capped at what the KV cache "
+                f"holds ({capacity} tokens with the prompt) instead of the model's context"
+            )
+            requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
         observer.engine_started(engine.info)
         info = run_info(config, checkpoint, engine.info)
         observer.run_info(info)
@@ -230,6 +238,22 @@ def generate(
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
     return results, stats  # type: ignore[return-value]
+
+
+def fit_to_kv(rows: list[Row], prompts: PromptTokens, capacity: int) -> int:
+    """Cap the ``max_tokens`` of rows that generate up to the context at what a KV cache of
+    ``capacity`` tokens holds, rather than failing them as too large for it (a row that stops
+    early fits; vLLM would refuse to start). Their journal keys keep the uncapped value.
+    Returns how many rows were capped."""
+    capped = 0
+    for row in rows:
+        if row.error or not row.up_to_context:
+            continue
+        room = capacity - len(prompts[row.index])
+        if 1 <= room < row.params.max_tokens and row.params.min_tokens <= room:
+            row.params = dataclasses.replace(row.params, max_tokens=room)
+            capped += 1
+    return capped
 
 
 def step_stats(stats: EngineStats) -> StepStats:

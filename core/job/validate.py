@@ -41,11 +41,11 @@ def validate_file(
         if model is not None
         else None
     )
-    if checkpoint is not None:
-        defaults = job_defaults(checkpoint, sampling or {})
-    else:
-        defaults = SamplingParams().with_overrides(sampling or {})
     source = open_source(path, columns, limit)
+    if checkpoint is not None:
+        defaults = job_defaults(checkpoint, sampling or {}, source)
+    else:
+        defaults = SamplingParams().with_overrides(source.base_defaults | (sampling or {}))
     rows = read_rows(source, defaults)
     report = ValidationReport(path, source.format_name, len(rows))
     if checkpoint is not None:

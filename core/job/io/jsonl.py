@@ -10,7 +10,7 @@ import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -18,7 +18,14 @@ from batchrun.core.errors import InputError
 from batchrun.core.job.io.atomic import atomic_file
 from batchrun.core.job.io.compression import compression_of, open_binary, open_text_writer
 from batchrun.core.job.io.source import STDIO, OutputContext, PromptSource
-from batchrun.core.job.rows import GENERATED_COLUMNS, ROW_PROBLEM, Columns, RowResult, earlier_run_columns
+from batchrun.core.job.rows import (
+    GENERATED_COLUMNS,
+    ROW_PROBLEM,
+    UP_TO_CONTEXT,
+    Columns,
+    RowResult,
+    earlier_run_columns,
+)
 
 
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -134,9 +141,14 @@ def is_openai_batch(obj: dict[str, Any] | None) -> bool:
 
 class OpenAIBatchSource(PromptSource):
     """OpenAI Batch API input (``custom_id``, ``method``, ``url``, ``body``); the output is
-    the Batch API's output format, one line per request, in input order."""
+    the Batch API's output format, one line per request, in input order.
+
+    Defaults as vLLM's ``run-batch`` applies them: a body without ``temperature`` samples at
+    1.0 (unless the job or the model's generation config sets one), and one without
+    ``max_tokens`` generates up to the context (capped by a job-wide ``max_tokens``)."""
 
     format_name = "openai-batch"
+    base_defaults: ClassVar[dict[str, Any]] = {"temperature": 1.0}
 
     def __init__(self, path: Path, columns: Columns = OPENAI_COLUMNS) -> None:
         super().__init__(path, OPENAI_COLUMNS)
@@ -155,6 +167,7 @@ class OpenAIBatchSource(PromptSource):
             "body.messages": body.get("messages"),
             "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         }
+        fields[UP_TO_CONTEXT] = fields["max_tokens"] is None  # OpenAI and vLLM: up to the context
         fields |= {k: body.get(k) for k in OPENAI_SAMPLING_KEYS}
         # Chat: logprobs is a flag and top_logprobs the count; completions: logprobs is the count.
         logprobs = body.get("logprobs")

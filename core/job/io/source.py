@@ -52,6 +52,8 @@ class PromptSource(ABC):
     folder_output: ClassVar[bool] = False  # the default output is a folder (datasets, shards)
     columns: Columns
     limit: int | None = None  # read and write only the first ``limit`` rows (--limit)
+    # Sampling defaults of the format itself, under the model's and the job's (OpenAI: 1.0).
+    base_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, path: Path, columns: Columns) -> None:
         self.path = path
