@@ -59,7 +59,7 @@ def test_jsonl_to_parquet_keeps_every_column_and_row(tiny_llama, tmp_path):
 
 def test_jsonl_that_parquet_cannot_type_is_refused_before_any_work(tiny_llama, tmp_path):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a", "label": "yes"}, {"prompt": "b", "label": 3}])
-    with pytest.raises(InputError, match="cannot be written as Parquet.*write JSONL"):
+    with pytest.raises(InputError, match="cannot be written as Parquet.*'label'.*write JSONL"):
         job(tiny_llama, src, output=tmp_path / "out.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 

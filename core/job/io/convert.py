@@ -130,9 +130,16 @@ def _table(chunk: list[dict[str, Any]], schema: pa.Schema | None = None) -> pa.T
     """``chunk``'s rows as columns: every key any row has (missing values are null)."""
     if schema is None:
         names = list(dict.fromkeys(k for obj in chunk for k in obj))
-        return pa.table({k: pa.array([obj.get(k) for obj in chunk]) for k in names})
+        return pa.table({k: _column(k, [obj.get(k) for obj in chunk]) for k in names})
     arrays = [pa.array([obj.get(f.name) for obj in chunk], type=f.type) for f in schema]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _column(name: str, values: list[Any]) -> pa.Array:
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise pa.ArrowTypeError(f"field {name!r}: {exc}") from None
 
 
 def _jsonl_schema(source: Any) -> pa.Schema:
