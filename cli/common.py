@@ -72,6 +72,10 @@ ChatTemplateKwargs = Annotated[
     str | None,
     typer.Option(help="JSON object passed to the chat template, e.g. '{\"enable_thinking\": false}'."),
 ]
+Limit = Annotated[
+    int | None,
+    typer.Option(min=1, help="Only the first N rows (a smoke test); the output has those N rows."),
+]
 OutputPrefix = Annotated[
     str,
     typer.Option(

@@ -19,6 +19,7 @@ from batchrun.cli.common import (
     ChatTemplate,
     ChatTemplateKwargs,
     IdColumn,
+    Limit,
     MessagesColumn,
     ModelOpt,
     OutputPrefix,
@@ -79,6 +80,7 @@ def validate(
         Path | None, typer.Option(help="Also tokenize with this checkpoint and check context lengths.")
     ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="As for run: used for the context check.")] = None,
+    limit: Limit = None,
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
@@ -101,6 +103,7 @@ def validate(
             sampling,
             read_chat_template(o.chat_template),
             parse_template_kwargs(o.chat_template_kwargs),
+            limit=o.limit,
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None
@@ -131,6 +134,7 @@ def plan_command(
         str | None,
         typer.Option(help="KV budget for the LRU comparison, as for run (default: what run would get here)."),
     ] = None,
+    limit: Limit = None,
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
@@ -162,6 +166,7 @@ def plan_command(
             top=o.top,
             chat_template=read_chat_template(o.chat_template),
             chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
+            limit=o.limit,
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None

@@ -21,6 +21,7 @@ from batchrun.cli.common import (
     Device,
     DType,
     IdColumn,
+    Limit,
     MessagesColumn,
     ModelOpt,
     Order,
@@ -58,14 +59,19 @@ def run(
         Path,
         typer.Argument(
             metavar="INPUT",
-            help="Prompt file (.jsonl, OpenAI batch .jsonl, .parquet, a datasets folder) "
-            "or a .toml job file.",
+            help="Prompt file (.jsonl[.gz|.zst], OpenAI batch .jsonl, .parquet, a folder or quoted "
+            "glob of .parquet shards, a datasets folder) or a .toml job file.",
         ),
     ],
     model: ModelOpt = BUNDLED_MODEL,
     output: Annotated[
         Path | None,
-        typer.Option("-o", "--output", help="Output path. Default: <input stem>.out.<ext> beside the input."),
+        typer.Option(
+            "-o",
+            "--output",
+            help="Output path; its extension picks the format (.jsonl[.gz|.zst], .parquet). "
+            "Default: <input stem>.out.<ext> beside the input.",
+        ),
     ] = None,
     in_place: Annotated[
         bool, typer.Option("--in-place", help="Replace the input file itself (atomically).")
@@ -119,6 +125,7 @@ def run(
     dtype: Annotated[
         DType, typer.Option(help="Weights and KV dtype (auto: float32 on CPU, bfloat16 on GPU).")
     ] = DType.auto,
+    limit: Limit = None,
     prompt_column: PromptColumn = "prompt",
     messages_column: MessagesColumn = "messages",
     id_column: IdColumn = "id",
@@ -230,6 +237,7 @@ def _run(o: SimpleNamespace) -> None:
         restart=o.restart,
         chat_template=read_chat_template(o.chat_template),
         chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
+        limit=o.limit,
     )
     quiet_libraries()
     if o.model.resolve() == BUNDLED_MODEL and not o.input.resolve().is_relative_to(SAMPLE_JOBS):

@@ -37,6 +37,7 @@ class JobConfig:
     chat_template: str | None = None  # Jinja text replacing the tokenizer's chat template
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"enable_thinking": False}
     order: str = ORDER_PLAN  # or ORDER_INPUT: file order (for comparison)
+    limit: int | None = None  # run only the first N rows (a smoke test); the output has N rows
 
 
 @dataclass(frozen=True)

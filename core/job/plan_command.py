@@ -125,6 +125,7 @@ def plan_job(
     device: str = "auto",
     chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    limit: int | None = None,
 ) -> tuple[PlanReport, Plan]:
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
     timer = PhaseTimer()
@@ -132,8 +133,8 @@ def plan_job(
     checkpoint = open_checkpoint(
         model, need_weights=False, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
     )
-    source = open_source(input, columns)
-    rows = read_rows(source, job_defaults(checkpoint, sampling or {}))
+    source = open_source(input, columns, limit)
+    rows = read_rows(source, job_defaults(checkpoint, sampling or {}, source))
     lap("read")
 
     tokenizer, prompts, max_context, overflowing = tokenize_for(checkpoint, rows)

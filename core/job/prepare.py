@@ -17,66 +17,72 @@ from batchrun.core.checkpoint import Checkpoint
 from batchrun.core.errors import InputError
 from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig
 from batchrun.core.job.io import (
-    KNOWN_FILE_SUFFIXES,
-    OUTPUT_SUFFIXES,
     REWRITING_FORMATS,
     STDIO,
     STREAMABLE_FORMATS,
+    OutputTarget,
     PromptSource,
+    output_target,
 )
+from batchrun.core.job.io.convert import ARROW_FORMATS, output_kind
+from batchrun.core.job.io.shards import ParquetShardsSource
 from batchrun.core.job.plan_file import load_plan
 from batchrun.core.job.rows import Row, parse_row
 from batchrun.core.job.tokenize import tokenize_rows
-from batchrun.core.params import SamplingParams, row_seed
+from batchrun.core.params import ParamError, SamplingParams, row_seed
 from batchrun.core.planner.plan import Plan, build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
 
 
-def output_path(config: JobConfig, source: PromptSource) -> Path:
-    """Where the output goes (``STDIO`` for stdout), refused if batchrun cannot write it there
-    safely: see ``check_output_target``."""
+def job_output(config: JobConfig, source: PromptSource) -> OutputTarget:
+    """Where the output goes (``STDIO`` for stdout) and how it is written there (in the format
+    its name says), refused if batchrun cannot write it there safely: see
+    ``check_output_target``."""
     if config.in_place:
         if config.output is not None:
             raise InputError("use either --in-place or --output, not both")
         if config.input == STDIO:
             raise InputError("--in-place needs a file; stdin (-) cannot be replaced")
+        if config.limit is not None:
+            raise InputError("--in-place with --limit would cut the input down to its first rows; use -o")
+        if isinstance(source, ParquetShardsSource):
+            raise InputError(
+                f"--in-place is not supported for Parquet shards ({config.input}); write them to "
+                "another folder with -o FOLDER"
+            )
         output = config.input
     elif config.output is not None:
         output = config.output
     else:
         output = STDIO if config.input == STDIO else source.default_output()
     if output == STDIO:
-        if source.format_name not in STREAMABLE_FORMATS:
-            raise InputError(
-                f"-o - writes JSONL to stdout, but {config.input} is {source.format_name}; "
-                "write it to a file with -o PATH"
-            )
-        return output
+        if source.format_name not in STREAMABLE_FORMATS and source.format_name not in ARROW_FORMATS:
+            raise InputError(f"-o - writes JSONL to stdout; {config.input} cannot be written as JSONL")
+        return output_target(source, output)
     if source.format_name in REWRITING_FORMATS and _same_file(output, config.input):
         raise InputError(
             f"{output}: an OpenAI batch file's output is response lines, not requests, so it "
             "cannot replace its input (a second run would fail every row); write it elsewhere "
             "with -o responses.jsonl"
         )
-    check_output_target(output, source)
-    return output
+    return check_output_target(output, source)
 
 
 def _same_file(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 
 
-def check_output_target(output: Path, source: PromptSource) -> None:
-    """Refuse outputs batchrun cannot replace atomically with the input's format: a symbolic
-    link (replacing it would replace the link, not write its target), a device, pipe or
-    socket (``/dev/null``, ``/dev/stdout``), or a name whose extension says another format."""
+def check_output_target(output: Path, source: PromptSource) -> OutputTarget:
+    """Refuse outputs batchrun cannot replace atomically: a symbolic link (replacing it would
+    replace the link, not write its target), a device, pipe or socket (``/dev/null``,
+    ``/dev/stdout``), or a name saying a format the input cannot be written as."""
     if output.is_symlink():
         raise InputError(
             f"{output} is a symbolic link (to {os.readlink(output)}); batchrun replaces its output "
             "atomically, which would replace the link, not write through it. Pass the real path "
             f"(-o {output.resolve()}), or -o - to write JSONL to stdout"
         )
-    folder_output = source.format_name == "datasets"
+    folder_output = source.folder_output and output_kind(output) is None
     if output.exists() and not (output.is_dir() if folder_output else output.is_file()):
         kind = "a folder" if output.is_dir() else "not a regular file (a device, pipe or socket)"
         raise InputError(
@@ -84,15 +90,7 @@ def check_output_target(output: Path, source: PromptSource) -> None:
             f"{'folder' if folder_output else 'regular file'} and renames it into place. "
             "Pass another -o, or -o - to write JSONL to stdout"
         )
-    suffix = output.suffix.lower()
-    expected = OUTPUT_SUFFIXES.get(source.format_name)
-    wrong = suffix not in expected if expected else suffix in KNOWN_FILE_SUFFIXES
-    if wrong:
-        want = " or ".join(expected) if expected else "a folder name without a file extension"
-        raise InputError(
-            f"{output}: the output has the input's format ({source.format_name}), but its name ends "
-            f"in {suffix or '(no extension)'!r}; batchrun does not convert formats: name it with {want}"
-        )
+    return output_target(source, output)
 
 
 def check_writable(output: Path) -> None:
@@ -109,7 +107,7 @@ def read_rows(source: PromptSource, defaults: SamplingParams) -> list[Row]:
     """Parse every record into a ``Row``; file-level problems raise ``InputError``."""
     rows = [
         parse_row(index, location, fields, source.columns, defaults)
-        for index, (location, fields) in enumerate(source.records())
+        for index, (location, fields) in enumerate(source.limited(source.records()))
     ]
     if not rows:
         raise InputError(f"{source.path}: no rows; the file is empty")
@@ -138,12 +136,27 @@ def check_unique_ids(source: PromptSource, rows: list[Row]) -> None:
 
 
 def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> list[int]:
-    """Mark rows whose prompt plus ``max_tokens`` cannot fit in the model's context; return
-    their indices."""
+    """Give rows ``up_to_context`` their ``max_tokens`` (what the context leaves after the
+    prompt, capped by the job's); mark rows whose prompt plus ``max_tokens`` cannot fit in the
+    model's context and return their indices."""
     marked = []
     lengths = prompts.lengths.tolist()
     for row, length in zip(rows, lengths, strict=True):
         if row.error:
+            continue
+        if row.up_to_context:
+            room = max_context - length
+            if room < 1:
+                row.error = (
+                    f"{row.location}: the prompt ({length} tokens) fills the model's context of "
+                    f"{max_context} tokens; no room to generate"
+                )
+                marked.append(row.index)
+                continue
+            try:
+                row.params = row.params.with_overrides({"max_tokens": min(row.params.max_tokens, room)})
+            except ParamError as exc:  # min_tokens above what the context leaves
+                row.error = f"{row.location}: {exc} (max_tokens is what the context leaves after the prompt)"
             continue
         if length + row.params.max_tokens > max_context:
             row.error = (
@@ -154,9 +167,16 @@ def check_context(rows: list[Row], prompts: PromptTokens, max_context: int) -> l
     return marked
 
 
-def job_defaults(checkpoint: Checkpoint, sampling: dict[str, Any]) -> SamplingParams:
-    """Row defaults: the checkpoint's generation config, overridden by the job's options."""
-    return SamplingParams().with_overrides(checkpoint.sampling_defaults | sampling)
+def job_defaults(
+    checkpoint: Checkpoint, sampling: dict[str, Any], source: PromptSource | None = None
+) -> SamplingParams:
+    """Row defaults: the format's own (OpenAI: temperature 1.0), overridden by the checkpoint's
+    generation config, overridden by the job's options. Rows that may generate up to the context
+    start from ``max_tokens`` = the whole context, or the job's cap if it sets one."""
+    base = dict(source.base_defaults) if source is not None else {}
+    if source is not None and source.format_name == "openai-batch":
+        base["max_tokens"] = checkpoint.max_context
+    return SamplingParams().with_overrides(base | checkpoint.sampling_defaults | sampling)
 
 
 class TokenizedRows(NamedTuple):

@@ -40,6 +40,7 @@ class Row:
     messages: list[dict[str, Any]] | None = None  # ... a chat, rendered with the chat template
     params: SamplingParams | None = None
     expected_tokens: int | None = None  # optional hint of the output length, for the plan's order
+    up_to_context: bool = False  # no max_tokens of its own: generate up to the context (OpenAI)
     error: str | None = None  # set when the row cannot run
 
 
@@ -92,6 +93,8 @@ class RowResult:
 
 # A format may flag a row it cannot express in batchrun terms under this key.
 ROW_PROBLEM = "__batchrun_row_problem__"
+# A format flags a row that may generate up to the context (an OpenAI body without max_tokens).
+UP_TO_CONTEXT = "__batchrun_up_to_context__"
 
 # Optional per-row hint: how many tokens the row is expected to generate (orders the plan).
 EXPECTED_TOKENS = "expected_tokens"
@@ -149,6 +152,7 @@ def parse_row(
         row.error = f"{location}: field '{columns.id}' must be a string or integer, got {raw_id!r}"
         return row
     row.id = str(row_id)
+    row.up_to_context = bool(fields.get(UP_TO_CONTEXT))
     if fields.get(ROW_PROBLEM):
         row.error = f"{location}: {fields[ROW_PROBLEM]}"
         return row

@@ -10,6 +10,7 @@ CLI renders both.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -27,14 +28,15 @@ from batchrun.core.job.config import (
 )
 from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
+from batchrun.core.job.io.convert import Writer
 from batchrun.core.job.journal import Journal, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.job.prepare import (
     check_writable,
     effective_seed,
     job_defaults,
+    job_output,
     make_plan,
-    output_path,
     read_rows,
     refuse_invalid_rows,
     rows_by_id,
@@ -61,20 +63,24 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     if checkpoint.sampling_defaults:
         defaults = " ".join(f"{k}={v}" for k, v in checkpoint.sampling_defaults.items())
         observer.phase(f"sampling defaults from {checkpoint.name}/generation_config.json: {defaults}")
-    source = open_source(config.input, config.columns)
-    output = output_path(config, source)
+    source = open_source(config.input, config.columns, config.limit)
+    output, write = job_output(config, source)
     check_writable(output)
     if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
     # A bad file fails here, having written nothing.
-    rows = read_rows(source, job_defaults(checkpoint, config.sampling))
+    rows = read_rows(source, job_defaults(checkpoint, config.sampling, source))
     if config.strict:
         refuse_invalid_rows(source, rows)
     if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
-        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
+        return _run_locked(
+            config, observer, checkpoint, source, output, write, rows, time.perf_counter() - started
+        )
     with output_lock(output):
         remove_stale_temporaries(output)
-        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
+        return _run_locked(
+            config, observer, checkpoint, source, output, write, rows, time.perf_counter() - started
+        )
 
 
 def _run_locked(
@@ -83,6 +89,7 @@ def _run_locked(
     checkpoint: Checkpoint,
     source: PromptSource,
     output: Path,
+    write: Writer,
     rows: list[Row],
     read_s: float,
 ) -> JobSummary:
@@ -136,7 +143,7 @@ def _run_locked(
 
         observer.phase("writing")
         context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
-        source.write(output, results, context)
+        write(results, context)
         if side_files:
             write_errors(output, rows, results)
         lap("write")
@@ -200,6 +207,13 @@ def generate(
     if requests:
         assert loaded is not None, "rows to generate but no model loaded"
         engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
+        capacity = engine.info.num_blocks * engine.info.block_size
+        if fitted := fit_to_kv(rows, prompts, capacity):
+            observer.phase(
+                f"{fitted} row(s) without their own max_tokens are capped at what the KV cache "
+                f"holds ({capacity} tokens with the prompt) instead of the model's context"
+            )
+            requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
         observer.engine_started(engine.info)
         info = run_info(config, checkpoint, engine.info, loaded.dtype_choice)
         observer.run_info(info)
@@ -224,6 +238,22 @@ def generate(
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
     return results, stats  # type: ignore[return-value]
+
+
+def fit_to_kv(rows: list[Row], prompts: PromptTokens, capacity: int) -> int:
+    """Cap the ``max_tokens`` of rows that generate up to the context at what a KV cache of
+    ``capacity`` tokens holds, rather than failing them as too large for it (a row that stops
+    early fits; vLLM would refuse to start). Their journal keys keep the uncapped value.
+    Returns how many rows were capped."""
+    capped = 0
+    for row in rows:
+        if row.error or not row.up_to_context:
+            continue
+        room = capacity - len(prompts[row.index])
+        if 1 <= room < row.params.max_tokens and row.params.min_tokens <= room:
+            row.params = dataclasses.replace(row.params, max_tokens=room)
+            capped += 1
+    return capped
 
 
 def step_stats(stats: EngineStats) -> StepStats:

@@ -29,6 +29,7 @@ def validate_file(
     sampling: dict | None = None,
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
+    limit: int | None = None,
 ) -> ValidationReport:
     """Read and check every row; with ``model``, also tokenize and check context lengths.
 
@@ -40,11 +41,11 @@ def validate_file(
         if model is not None
         else None
     )
+    source = open_source(path, columns, limit)
     if checkpoint is not None:
-        defaults = job_defaults(checkpoint, sampling or {})
+        defaults = job_defaults(checkpoint, sampling or {}, source)
     else:
-        defaults = SamplingParams().with_overrides(sampling or {})
-    source = open_source(path, columns)
+        defaults = SamplingParams().with_overrides(source.base_defaults | (sampling or {}))
     rows = read_rows(source, defaults)
     report = ValidationReport(path, source.format_name, len(rows))
     if checkpoint is not None:

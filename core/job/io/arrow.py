@@ -7,7 +7,7 @@ the generated columns, so the input is never materialised as a DataFrame.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ def generated_schema(shape: OutputShape, prefix: str = "") -> pa.Schema:
     return pa.schema([(prefix + name, type_) for name, type_ in fields])
 
 
-def _needed_columns(path: Path, schema: pa.Schema, columns: Columns) -> list[str]:
+def needed_columns(path: Path, schema: pa.Schema, columns: Columns) -> list[str]:
     names = set(schema.names)
     maybe_param = {f.name: pa.types.is_integer(f.type) or pa.types.is_null(f.type) for f in schema}
     if earlier_run_columns(str(path), maybe_param, columns):
@@ -84,6 +84,60 @@ def _with_generated(
     return table
 
 
+def without_generated(schema: pa.Schema, columns: Columns) -> pa.Schema:
+    """``schema`` less the columns an earlier run generated (they are replaced)."""
+    generated = {columns.generated(name) for name in GENERATED_COLUMNS}
+    kept = [field for field in schema if field.name not in generated]
+    return pa.schema(kept, metadata=schema.metadata)
+
+
+def conform(batch: pa.RecordBatch | pa.Table, schema: pa.Schema) -> pa.Table:
+    """``batch`` with exactly ``schema``'s columns, in its order and types (a shard without a
+    column gets nulls; narrower types are widened)."""
+    table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+    arrays = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def limit_batches(batches: Iterator[pa.RecordBatch], limit: int | None) -> Iterator[pa.RecordBatch]:
+    """The batches holding the first ``limit`` rows (the last one sliced)."""
+    left = limit
+    for batch in batches:
+        if left is not None and batch.num_rows >= left:
+            if left:
+                yield batch.slice(0, left)
+            return
+        if left is not None:
+            left -= batch.num_rows
+        yield batch
+
+
+def write_parquet(
+    output: Path,
+    schema: pa.Schema,
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    results: Sequence[RowResult],
+    context: OutputContext,
+    prefix: str,
+) -> None:
+    """Write ``batches`` (input rows, ``schema``) with the generated columns of ``results``
+    appended, one record batch at a time, atomically; one output row per input row."""
+    out_schema = pa.schema([*schema, *generated_schema(context.shape, prefix)], metadata=schema.metadata)
+    start = 0
+    with atomic_file(output) as tmp, pq.ParquetWriter(tmp, out_schema) as writer:
+        for batch in batches:
+            rows = results[start : start + batch.num_rows]
+            if len(rows) != batch.num_rows:
+                raise ValueError(f"more input rows than the {len(results)} results")
+            start += batch.num_rows
+            writer.write_table(_with_generated(conform(batch, schema), rows, context.shape, prefix))
+    if start != len(results):
+        raise ValueError(f"{len(results)} results for {start} rows")
+
+
 class ParquetSource(PromptSource):
     format_name = "parquet"
 
@@ -95,43 +149,26 @@ class ParquetSource(PromptSource):
 
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
         pf = self._file()
-        needed = _needed_columns(self.path, pf.schema_arrow, self.columns)
+        needed = needed_columns(self.path, pf.schema_arrow, self.columns)
         yield from _records(pf.iter_batches(batch_size=BATCH_ROWS, columns=needed))
 
+    def input_schema(self) -> pa.Schema:
+        return without_generated(self._file().schema_arrow, self.columns)
+
+    def input_batches(self) -> Iterator[pa.RecordBatch]:
+        """The input rows (up to ``limit``) in record batches, every column decoded."""
+        return limit_batches(self._file().iter_batches(batch_size=BATCH_ROWS), self.limit)
+
     def write(self, output: Path, results: Sequence[RowResult], context: OutputContext) -> None:
-        pf = self._file()
-        if pf.metadata.num_rows != len(results):
-            raise ValueError(f"{len(results)} results for {pf.metadata.num_rows} rows")
-        start = 0
-        writer = None
-        with atomic_file(output) as tmp:
-            try:
-                for batch in pf.iter_batches(batch_size=BATCH_ROWS):
-                    table = _with_generated(
-                        batch,
-                        results[start : start + batch.num_rows],
-                        context.shape,
-                        self.columns.output_prefix,
-                    )
-                    start += batch.num_rows
-                    if writer is None:
-                        schema = table.schema.with_metadata(pf.schema_arrow.metadata)
-                        writer = pq.ParquetWriter(tmp, schema)
-                    writer.write_table(table)
-                if writer is None:  # no rows: still write the schema
-                    empty = _with_generated(
-                        pf.schema_arrow.empty_table(), [], context.shape, self.columns.output_prefix
-                    )
-                    writer = pq.ParquetWriter(tmp, empty.schema)
-            finally:
-                if writer is not None:
-                    writer.close()
+        prefix = self.columns.output_prefix
+        write_parquet(output, self.input_schema(), self.input_batches(), results, context, prefix)
 
 
 class DatasetFolderSource(PromptSource):
     """A Hugging Face ``datasets`` folder (``Dataset.save_to_disk``); one split per folder."""
 
     format_name = "datasets"
+    folder_output = True
 
     def _dataset(self):
         import datasets
@@ -151,17 +188,24 @@ class DatasetFolderSource(PromptSource):
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]:
         ds = self._dataset()
         table = ds.data.table
-        needed = _needed_columns(self.path, table.schema, self.columns)
+        needed = needed_columns(self.path, table.schema, self.columns)
         yield from _records(table.select(needed).to_batches(max_chunksize=BATCH_ROWS))
+
+    def input_schema(self) -> pa.Schema:
+        return without_generated(self._dataset().data.table.schema, self.columns)
+
+    def input_batches(self) -> Iterator[pa.RecordBatch]:
+        table = self._dataset().data.table
+        return limit_batches(iter(table.to_batches(max_chunksize=BATCH_ROWS)), self.limit)
 
     def write(self, output: Path, results: Sequence[RowResult], context: OutputContext) -> None:
         import datasets
 
-        ds = self._dataset()
-        if len(ds) != len(results):
-            raise ValueError(f"{len(results)} results for {len(ds)} rows")
-        out = datasets.Dataset(
-            _with_generated(ds.data.table, results, context.shape, self.columns.output_prefix)
-        )
+        table = self._dataset().data.table
+        if self.limit is not None:
+            table = table.slice(0, self.limit)  # zero-copy
+        if len(table) != len(results):
+            raise ValueError(f"{len(results)} results for {len(table)} rows")
+        out = datasets.Dataset(_with_generated(table, results, context.shape, self.columns.output_prefix))
         with atomic_dir(output) as tmp:
             out.save_to_disk(str(tmp))

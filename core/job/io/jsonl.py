@@ -2,49 +2,80 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+import pyarrow as pa
 
 from batchrun.core.errors import InputError
 from batchrun.core.job.io.atomic import atomic_file
+from batchrun.core.job.io.compression import compression_of, open_binary, open_text_writer
 from batchrun.core.job.io.source import STDIO, OutputContext, PromptSource
-from batchrun.core.job.rows import GENERATED_COLUMNS, ROW_PROBLEM, Columns, RowResult, earlier_run_columns
+from batchrun.core.job.rows import (
+    GENERATED_COLUMNS,
+    ROW_PROBLEM,
+    UP_TO_CONTEXT,
+    Columns,
+    RowResult,
+    earlier_run_columns,
+)
 from batchrun.core.params import ROW_PARAM_KEYS
 
 
 def iter_json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line_number, object)`` for each non-blank line; a malformed line is fatal."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(
-                    f"{path}:{line_no}: not valid JSON ({exc}); fix or remove this line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise InputError(
-                    f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}"
-                )
-            yield line_no, obj
+    """Yield ``(line_number, object)`` for each non-blank line (``.gz`` / ``.zst`` decompressed
+    as they stream); a malformed line or a damaged archive is fatal."""
+    try:
+        with open_binary(path) as f:
+            yield from _objects(path, f)
+    except (OSError, EOFError, pa.ArrowException) as exc:  # a damaged .gz / .zst
+        raise InputError(f"{path}: could not be decompressed ({exc})") from None
 
 
-def _write_lines(path: Path, lines: Iterator[dict[str, Any]]) -> None:
+def _objects(path: Path, f) -> Iterator[tuple[int, dict[str, Any]]]:
+    for line_no, raw in enumerate(f, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(f"{path}:{line_no}: not valid JSON ({exc}); fix or remove this line") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{line_no}: expected a JSON object per line, got {type(obj).__name__}")
+        yield line_no, obj
+
+
+def write_lines(path: Path, lines: Iterator[dict[str, Any]]) -> None:
     if path == STDIO:
         for obj in lines:
             sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
         sys.stdout.flush()
         return
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+    with atomic_file(path) as tmp, open_text_writer(tmp, compression_of(path)) as out:
         for obj in lines:
-            out.write(json.dumps(obj, ensure_ascii=False))
+            out.write(json.dumps(obj, ensure_ascii=False, default=json_default))
             out.write("\n")
+
+
+def json_default(value: Any) -> Any:
+    """JSON for the values Parquet and ``datasets`` columns hold that JSON lacks: dates and
+    times as ISO 8601 text, decimals as text, binary as base64 text."""
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(value).decode("ascii")
+    raise TypeError(f"a {type(value).__name__} value cannot be written as JSON")
 
 
 def first_object(path: Path) -> dict[str, Any] | None:
@@ -67,16 +98,21 @@ class JsonlSource(PromptSource):
                 obj = {k: v for k, v in obj.items() if k not in generated}  # replaced, not read
             yield f"line {line_no}", obj
 
+    def input_objects(self) -> Iterator[dict[str, Any]]:
+        """Every input row (up to ``limit``) as written back: generated columns of an earlier
+        run left out."""
+        generated = {self.columns.generated(name) for name in GENERATED_COLUMNS}
+        for _, obj in self.limited(iter_json_objects(self.path)):
+            yield {k: v for k, v in obj.items() if k not in generated}
+
     def write(self, output: Path, results: Sequence[RowResult], context: OutputContext) -> None:
         prefix = self.columns.output_prefix
-        generated = {prefix + name for name in GENERATED_COLUMNS}
 
         def merged() -> Iterator[dict[str, Any]]:
-            for (_, obj), result in zip(iter_json_objects(self.path), results, strict=True):
-                kept = {k: v for k, v in obj.items() if k not in generated}
-                yield kept | result.columns(context.shape, prefix)
+            for obj, result in zip(self.input_objects(), results, strict=True):
+                yield obj | result.columns(context.shape, prefix)
 
-        _write_lines(output, merged())
+        write_lines(output, merged())
 
 
 # OpenAI Batch API: https://platform.openai.com/docs/guides/batch (request and output lines).
@@ -93,9 +129,14 @@ def is_openai_batch(obj: dict[str, Any] | None) -> bool:
 
 class OpenAIBatchSource(PromptSource):
     """OpenAI Batch API input (``custom_id``, ``method``, ``url``, ``body``); the output is
-    the Batch API's output format, one line per request, in input order."""
+    the Batch API's output format, one line per request, in input order.
+
+    Defaults as vLLM's ``run-batch`` applies them: a body without ``temperature`` samples at
+    1.0 (unless the job or the model's generation config sets one), and one without
+    ``max_tokens`` generates up to the context (capped by a job-wide ``max_tokens``)."""
 
     format_name = "openai-batch"
+    base_defaults: ClassVar[dict[str, Any]] = {"temperature": 1.0}
 
     def __init__(self, path: Path, columns: Columns = OPENAI_COLUMNS) -> None:
         super().__init__(path, OPENAI_COLUMNS)
@@ -114,6 +155,7 @@ class OpenAIBatchSource(PromptSource):
             "body.messages": body.get("messages"),
             "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
         }
+        fields[UP_TO_CONTEXT] = fields["max_tokens"] is None  # OpenAI and vLLM: up to the context
         fields |= {k: body.get(k) for k in OPENAI_SAMPLING_KEYS}
         # Chat: logprobs is a flag and top_logprobs the count; completions: logprobs is the count.
         logprobs = body.get("logprobs")
@@ -132,11 +174,11 @@ class OpenAIBatchSource(PromptSource):
 
     def write(self, output: Path, results: Sequence[RowResult], context: OutputContext) -> None:
         def lines() -> Iterator[dict[str, Any]]:
-            pairs = zip(iter_json_objects(self.path), results, strict=True)
+            pairs = zip(self.limited(iter_json_objects(self.path)), results, strict=True)
             for index, ((_, obj), result) in enumerate(pairs):
                 yield openai_output_line(index, obj, result, context)
 
-        _write_lines(output, lines())
+        write_lines(output, lines())
 
 
 # Body keys batchrun does not apply yet, with the value that means "off": a request that sets

@@ -9,9 +9,11 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
 
+from batchrun.core.job.io.compression import full_suffix
 from batchrun.core.job.rows import Columns, OutputShape, RowResult
 
 STDIO = Path("-")  # input from stdin, output to stdout (JSONL only)
@@ -47,11 +49,19 @@ class PromptSource(ABC):
     """
 
     format_name: ClassVar[str]
+    folder_output: ClassVar[bool] = False  # the default output is a folder (datasets, shards)
     columns: Columns
+    limit: int | None = None  # read and write only the first ``limit`` rows (--limit)
+    # Sampling defaults of the format itself, under the model's and the job's (OpenAI: 1.0).
+    base_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, path: Path, columns: Columns) -> None:
         self.path = path
         self.columns = columns
+
+    def limited(self, items: Iterator[Any]) -> Iterator[Any]:
+        """The first ``limit`` of ``items`` (all without a limit)."""
+        return items if self.limit is None else islice(items, self.limit)
 
     @abstractmethod
     def records(self) -> Iterator[tuple[str, dict[str, Any]]]: ...
@@ -61,5 +71,6 @@ class PromptSource(ABC):
         """Write one output record per input record, in input order, atomically."""
 
     def default_output(self) -> Path:
-        """``prompts.jsonl`` -> ``prompts.out.jsonl`` beside the input."""
-        return self.path.with_name(f"{self.path.stem}.out{self.path.suffix}")
+        """``prompts.jsonl`` -> ``prompts.out.jsonl`` beside the input (``.jsonl.gz`` kept whole)."""
+        suffix = full_suffix(self.path)
+        return self.path.with_name(f"{self.path.name[: len(self.path.name) - len(suffix)]}.out{suffix}")
