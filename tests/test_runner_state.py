@@ -9,6 +9,7 @@ import torch
 from batchrun.core.params import SamplingParams
 from batchrun.core.runner.input_batch import InputBatch
 from batchrun.core.runner.model_runner import attention_metadata
+from batchrun.core.runner.staging import HostStaging
 from batchrun.core.sched.messages import NewRequest, ScheduledChunk, StepPlan
 from batchrun.kernels import get_backend
 from batchrun.kernels.backend import BackendCapabilities
@@ -88,3 +89,15 @@ def test_capabilities_say_why_a_backend_cannot_run():
     assert "float32" in caps.unsupported(cuda, torch.float32, 256, False, False)
     assert "multiple of 256" in caps.unsupported(cuda, torch.bfloat16, 16, False, False)
     assert "soft-cap" in caps.unsupported(cuda, torch.bfloat16, 512, softcap=True, sliding_window=False)
+
+
+def test_host_staging_reuses_its_buffers_step_after_step():
+    staging = HostStaging(torch.device("cpu"), pin_memory=False)  # pinned only on CUDA machines
+    first = [staging(np.arange(5)), staging(np.ones((2, 3), dtype=np.int32))]
+    assert first[0].tolist() == list(range(5)) and first[1].shape == (2, 3)
+    buffers = list(staging._buffers)
+    staging.new_step()
+    again = staging(np.arange(7) * 2)  # same slot, still fits: no new buffer
+    assert again.tolist() == [0, 2, 4, 6, 8, 10, 12] and staging._buffers[0] is buffers[0]
+    staging(np.zeros(1000, dtype=np.int32))  # grows the second slot
+    assert staging._buffers[1].numel() >= 1000 and staging._buffers[1] is not buffers[1]

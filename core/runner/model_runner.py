@@ -17,6 +17,7 @@ from batchrun.core.runner.attention_hook import StepContext
 from batchrun.core.runner.input_batch import InputBatch, StepInputs
 from batchrun.core.runner.kv_cache import KVCache
 from batchrun.core.runner.sampler import sample, token_logprobs
+from batchrun.core.runner.staging import HostStaging
 from batchrun.core.sched.messages import StepPlan, StepResult
 from batchrun.kernels import AttentionBackend, AttentionMetadata
 
@@ -35,21 +36,23 @@ class ModelRunner:
         self.backend = backend
         self.device = next(model.parameters()).device
         self.batch = InputBatch(kv_cache.spec.block_size, kv_cache.null_block)
+        self._staging = HostStaging(self.device)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
         """Run the step; return the token sampled for each chunk whose ``samples`` is true."""
         self.batch.apply(plan)
         inputs = self.batch.step_inputs(plan)
+        self._staging.new_step()
         meta = attention_metadata(
-            inputs, self.kv_cache.null_block, self.kv_cache.spec.block_size, self._tensor
+            inputs, self.kv_cache.null_block, self.kv_cache.spec.block_size, self._staging
         )
         state = self.backend.build(meta)
         out = self.model(
-            input_ids=self._tensor(inputs.input_ids)[None],
-            position_ids=self._tensor(inputs.positions)[None],
+            input_ids=self._staging(inputs.input_ids)[None],
+            position_ids=self._staging(inputs.positions)[None],
             use_cache=False,
-            logits_to_keep=self._tensor(inputs.sample_rows),
+            logits_to_keep=self._staging(inputs.sample_rows),
             batchrun_step=StepContext(self.kv_cache, self.backend, state),
         )
         logits = out.logits[0].float()  # (R, vocab): one row per sampling chunk, in chunk order
@@ -72,12 +75,6 @@ class ModelRunner:
             for i, entry in zip(asking, entries, strict=True):
                 logprobs[req_ids[i]] = entry | {"top": entry["top"][: params[i].logprobs]}
         return StepResult(req_ids, tuple(tokens), logprobs)
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
 
 
 def attention_metadata(
