@@ -140,6 +140,7 @@ def plan_command(
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
     o = with_job_file(ctx, plan_command, {name: value for name, value in locals().items() if name != "ctx"})
+    from batchrun.cli.progress import TokenizeProgress
     from batchrun.core.job.plan_command import plan_job
     from batchrun.core.job.plan_file import save_plan
 
@@ -162,6 +163,7 @@ def plan_command(
             top=o.top,
             chat_template=read_chat_template(o.chat_template),
             chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
+            observer=TokenizeProgress(err),
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from batchrun.core.checkpoint import open_checkpoint
-from batchrun.core.job.io import open_source
+from batchrun.core.job.config import JobObserver
+from batchrun.core.job.io import STDIO, open_source
 from batchrun.core.job.prepare import (
+    drop_prompt_text,
     expected_output_tokens,
     job_defaults,
     read_rows,
@@ -26,6 +28,7 @@ from batchrun.core.job.prepare import (
     tokenize_for,
 )
 from batchrun.core.job.rows import Columns
+from batchrun.core.job.token_cache import TokenCache
 from batchrun.core.planner.lru_baseline import lru_computed_tokens
 from batchrun.core.planner.plan import Plan, PlanSummary, build_plan
 from batchrun.core.runner.kv_budget import kv_cache_bytes
@@ -125,6 +128,7 @@ def plan_job(
     device: str = "auto",
     chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
+    observer: JobObserver | None = None,
 ) -> tuple[PlanReport, Plan]:
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
     timer = PhaseTimer()
@@ -136,7 +140,12 @@ def plan_job(
     rows = read_rows(source, job_defaults(checkpoint, sampling or {}))
     lap("read")
 
-    tokenizer, prompts, max_context, overflowing = tokenize_for(checkpoint, rows)
+    # the ids stay beside the default output, where a following `batchrun run` finds them
+    cache = TokenCache.beside(source.default_output(), source, checkpoint) if input != STDIO else None
+    tokenizer, prompts, max_context, overflowing = tokenize_for(
+        checkpoint, rows, caches=[cache], progress=observer.tokenized if observer else None
+    )
+    drop_prompt_text(rows)
     over_context = [rows[i].error for i in overflowing]
     lap("tokenize")
 

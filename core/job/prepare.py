@@ -6,7 +6,7 @@ Everything here runs before the model loads, so a bad job fails in seconds."""
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,8 @@ from batchrun.core.job.io import (
 )
 from batchrun.core.job.plan_file import load_plan
 from batchrun.core.job.rows import Row, parse_row
-from batchrun.core.job.tokenize import tokenize_rows
+from batchrun.core.job.token_cache import TokenCache
+from batchrun.core.job.tokenize import Progress, tokenize_rows
 from batchrun.core.params import SamplingParams, row_seed
 from batchrun.core.planner.plan import Plan, build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
@@ -166,10 +167,20 @@ class TokenizedRows(NamedTuple):
     over_context: list[int]  # rows just marked for exceeding the context
 
 
-def tokenize_for(checkpoint: Checkpoint, rows: list[Row]) -> TokenizedRows:
+def tokenize_for(
+    checkpoint: Checkpoint,
+    rows: list[Row],
+    *,
+    caches: Sequence[TokenCache | None] = (),
+    progress: Progress | None = None,
+) -> TokenizedRows:
     """Tokenize ``rows`` with the checkpoint's tokenizer and mark those that overflow its
     context (as ``run``, ``plan`` and ``validate`` all do). Chat rows for a model without a
-    chat template are a model-level error, raised before any row is tokenized."""
+    chat template are a model-level error, raised before any row is tokenized.
+
+    The ids come from the first of ``caches`` that holds them for this input and tokenizer
+    (its ``hit`` is then set); else they are computed and written to the first cache (when
+    its folder is writable). ``progress(done, total)`` follows the tokenization."""
     tokenizer, max_context = checkpoint.tokenizer, checkpoint.max_context
     if not tokenizer.chat_template:
         chat = next((row for row in rows if row.messages is not None and not row.error), None)
@@ -178,8 +189,49 @@ def tokenize_for(checkpoint: Checkpoint, rows: list[Row]) -> TokenizedRows:
                 f"{checkpoint.path}: the tokenizer has no chat template, but {chat.location} "
                 "(and maybe others) is a chat; pass --chat-template FILE, or send 'prompt' rows"
             )
-    prompts = tokenize_rows(rows, tokenizer, checkpoint.chat_template_kwargs)
+    caches = [cache for cache in caches if cache is not None]
+    for cache in caches:
+        found = cache.load(len(rows))
+        if found is not None:
+            prompts, errors = found
+            for index, message in errors.items():
+                rows[index].error = rows[index].error or message
+            if progress is not None:
+                progress(len(rows), len(rows))
+            break
+    else:
+        prompts = _tokenize_into(caches[0] if caches else None, rows, checkpoint, progress)
     return TokenizedRows(tokenizer, prompts, max_context, check_context(rows, prompts, max_context))
+
+
+def _tokenize_into(
+    cache: TokenCache | None, rows: list[Row], checkpoint: Checkpoint, progress: Progress | None
+) -> PromptTokens:
+    tokenizer, kwargs = checkpoint.tokenizer, checkpoint.chat_template_kwargs
+    try:
+        sink = cache.sink() if cache is not None else None
+    except OSError:  # an unwritable folder only costs the cache
+        cache, sink = None, None
+    errors: dict[int, str] = {}
+    try:
+        prompts = tokenize_rows(rows, tokenizer, kwargs, sink=sink, progress=progress, errors=errors)
+    except BaseException:
+        if cache is not None:
+            cache.abandon()
+        raise
+    if cache is not None:
+        try:
+            cache.commit(len(rows), errors)
+        except OSError:
+            cache.abandon()
+    return prompts
+
+
+def drop_prompt_text(rows: list[Row]) -> None:
+    """Forget every row's prompt text and messages once its ids are known (a million chats
+    are gigabytes as Python objects; nothing after tokenization reads them)."""
+    for row in rows:
+        row.prompt = row.messages = None
 
 
 def runnable_mask(rows: list[Row]) -> np.ndarray:

@@ -31,6 +31,7 @@ from batchrun.core.job.journal import Journal, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.job.prepare import (
     check_writable,
+    drop_prompt_text,
     effective_seed,
     job_defaults,
     make_plan,
@@ -44,6 +45,7 @@ from batchrun.core.job.report import RunReport, errors_path, write_errors
 from batchrun.core.job.requests import make_requests, most_kv_tokens
 from batchrun.core.job.results import output_shape, row_result
 from batchrun.core.job.rows import Row, RowResult
+from batchrun.core.job.token_cache import TokenCache, cache_path
 from batchrun.core.planner.plan import Plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
 from batchrun.core.runner.model_loader import LoadedModel, load_model
@@ -92,7 +94,12 @@ def _run_locked(
     report = RunReport(output if side_files else None, config.input, config.model)
 
     observer.phase("tokenizing")
-    _, prompts, _, _ = tokenize_for(checkpoint, rows)
+    caches = token_caches(output, source, checkpoint) if side_files and config.input != STDIO else []
+    _, prompts, _, _ = tokenize_for(checkpoint, rows, caches=caches, progress=observer.tokenized)
+    drop_prompt_text(rows)
+    used = next((cache for cache in caches if cache.hit), None)
+    if used is not None:
+        observer.phase(f"token ids reused from {used.path}")
     if config.strict:  # rows over the context or failing the chat template count too
         refuse_invalid_rows(source, rows)
     lap("tokenize")
@@ -168,7 +175,21 @@ def _run_locked(
     )
     report.finished(summary)
     journal.discard()  # the output now holds every row; the report says the job is done
+    for cache in caches:
+        if cache.hit or cache.path == cache_path(output):
+            cache.remove()
     return summary
+
+
+def token_caches(output: Path, source: PromptSource, checkpoint: Checkpoint) -> list[TokenCache]:
+    """Where ``run`` looks for the prompts' ids: beside its output (a resumed run's), then
+    beside the default output, where ``batchrun plan`` leaves them. New ids go beside the
+    output."""
+    caches = [TokenCache.beside(output, source, checkpoint)]
+    default = source.default_output()
+    if default != output:
+        caches.append(TokenCache(cache_path(default), caches[0].key))
+    return caches
 
 
 def generate(
