@@ -27,7 +27,7 @@ from batchrun.core.job.config import (
 )
 from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
-from batchrun.core.job.journal import Journal, journal_path, row_key
+from batchrun.core.job.journal import Journal, Journaled, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.job.prepare import (
     check_writable,
@@ -43,7 +43,7 @@ from batchrun.core.job.prepare import (
 )
 from batchrun.core.job.report import RunReport, errors_path, write_errors
 from batchrun.core.job.requests import make_requests, most_kv_tokens
-from batchrun.core.job.results import output_shape, row_result
+from batchrun.core.job.results import StoredResults, output_shape, row_result
 from batchrun.core.job.rows import Row, RowResult
 from batchrun.core.job.token_cache import TokenCache, cache_path
 from batchrun.core.planner.plan import Plan
@@ -113,7 +113,7 @@ def _run_locked(
         for row in rows
         if not row.error
     }
-    resumed, ignored = journal.read(keys)
+    resumed, ignored = journal.index(keys)
     if resumed or ignored:
         observer.phase(
             f"resuming: {len(resumed)} row(s) already done in {journal.path.name}"
@@ -143,9 +143,10 @@ def _run_locked(
 
         observer.phase("writing")
         context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
-        source.write(output, results, context)
+        source.write(output, results, context)  # streams the input and the journal in row order
         if side_files:
-            write_errors(output, rows, results)
+            write_errors(output, [rows[i] for i in results.failed()], [results[i] for i in results.failed()])
+        results.close()
         lap("write")
     except BaseException as exc:  # the journal keeps every finished row for the next run
         journal.close()
@@ -156,22 +157,24 @@ def _run_locked(
         observer.stopped(journaled, journal.path if journaled else None)
         raise
 
-    errors = [r.error for r in results if r.error]
-    resumed_tokens = sum(resumed[row.id].output_tokens for row in rows if row.id in resumed)
+    failed = results.failed()
+    errors = [results[i].error for i in failed[:MAX_LISTED_PROBLEMS]]
+    resumed_tokens = sum(entry.output_tokens for entry in resumed.values())
+    output_tokens = int(results.output_tokens.sum())
     summary = JobSummary(
         input=config.input,
         output=output,
         rows=len(rows),
-        failed=len(errors),
+        failed=len(failed),
         resumed=len(resumed),
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        output_tokens=sum(r.output_tokens for r in results),
-        generated_output_tokens=sum(r.output_tokens for r in results) - resumed_tokens,
+        prompt_tokens=int(results.prompt_tokens.sum()),
+        output_tokens=output_tokens,
+        generated_output_tokens=output_tokens - resumed_tokens,
         seconds=seconds,
         engine=stats,
         plan=plan.summary,
-        errors=errors[:MAX_LISTED_PROBLEMS],
-        errors_file=errors_path(output) if errors and side_files else None,
+        errors=errors,
+        errors_file=errors_path(output) if failed and side_files else None,
     )
     report.finished(summary)
     journal.discard()  # the output now holds every row; the report says the job is done
@@ -202,18 +205,20 @@ def generate(
     observer: JobObserver,
     journal: Journal | None = None,
     keys: dict[str, str] | None = None,
-    resumed: dict[str, RowResult] | None = None,
+    resumed: dict[str, Journaled] | None = None,
     report: RunReport | None = None,
-) -> tuple[list[RowResult], EngineStats | None]:
+) -> tuple[StoredResults, EngineStats | None]:
     """Run every planned row through the engine; invalid rows get their error record and
-    journaled rows their journaled result. Each finished row is journaled at once."""
-    results: list[RowResult | None] = [None] * len(rows)
+    journaled rows their journaled result. Each finished row is journaled at once and read
+    back from the journal when the output is written, so results are not all held here."""
+    journal = journal or Journal(None)
+    results = StoredResults(len(rows), journal.path)
     for row in rows:
         if row.error:
-            results[row.index] = RowResult.failed(row.error)
+            results.keep(row.index, RowResult.failed(row.error))
             observer.row_finished(results[row.index])
         elif resumed and row.id in resumed:
-            results[row.index] = resumed[row.id]
+            results.journaled(row.index, *resumed[row.id])
     if resumed:
         observer.rows_resumed(len(resumed))
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
@@ -234,17 +239,19 @@ def generate(
             samples.append(completion)
             if len(samples) < rows[index].params.n:
                 continue
-            result = results[index] = row_result(pending.pop(index), len(prompts[index]))
-            if journal is not None and keys is not None and result.error is None:
-                journal.append(rows[index].id, keys[rows[index].id], result)
+            result = row_result(pending.pop(index), len(prompts[index]))
+            if result.error is None and journal.path is not None and keys is not None:
+                offset = journal.append(rows[index].id, keys[rows[index].id], result)
+                results.journaled(index, offset, result.prompt_tokens, result.output_tokens)
+            else:
+                results.keep(index, result)
             observer.row_finished(result)
         stats = engine.stats
-    if journal is not None:
-        journal.sync()
-    missing = [i for i, r in enumerate(results) if r is None]
+    journal.sync()
+    missing = [i for i in range(len(rows)) if not results.has(i)]
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
-    return results, stats  # type: ignore[return-value]
+    return results, stats
 
 
 def step_stats(stats: EngineStats) -> StepStats:
