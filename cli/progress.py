@@ -56,14 +56,16 @@ class ConsoleObserver(JobObserver):
             self._emit({"event": "phase", "phase": name}, name)
 
     def tokenized(self, done: int, total: int) -> None:
-        """Tokenization progress: a bar on a terminal, else a line every ``log_every`` seconds
-        (and one at the end) with the rows done and the rate."""
+        """Tokenization progress (``total`` 0 while the rows are still being read): a bar on
+        a terminal, else a line every ``log_every`` seconds and one at the end, with the rows
+        done and the rate."""
         now = self.clock()
+        final = 0 < total <= done
         if self.tokenize_start is None:
             self.tokenize_start = (now, done)
             self.last_log = now
         if self.interactive:
-            if self.tokenize_bar is None and done < total:
+            if self.tokenize_bar is None and not final:
                 self.tokenize_bar = Progress(
                     TextColumn("[bold]tokenizing"),
                     BarColumn(),
@@ -73,22 +75,23 @@ class ConsoleObserver(JobObserver):
                     transient=True,
                 )
                 self.tokenize_bar.start()
-                self.tokenize_task = self.tokenize_bar.add_task("rows", total=total)
+                self.tokenize_task = self.tokenize_bar.add_task("rows", total=total or None)
             if self.tokenize_bar is not None:
-                self.tokenize_bar.update(self.tokenize_task, completed=done)
-                if done >= total:
+                self.tokenize_bar.update(self.tokenize_task, completed=done, total=total or None)
+                if final:
                     self.tokenize_bar.stop()
                     self.tokenize_bar = None
             return
-        if done < total and now - self.last_log < self.log_every:
+        if not final and now - self.last_log < self.log_every:
             return
         self.last_log = now
         since, done_then = self.tokenize_start
         rate = (done - done_then) / (now - since) if now > since and done > done_then else None
         rate_text = f" ({rate:,.0f} rows/s)" if rate is not None else ""
+        of_total = f"/{total}" if total else ""
         self._emit(
-            {"event": "tokenize", "rows_done": done, "rows_total": total, "rows_per_s": rate},
-            f"tokenized {done}/{total} rows{rate_text}",
+            {"event": "tokenize", "rows_done": done, "rows_total": total or None, "rows_per_s": rate},
+            f"tokenized {done}{of_total} rows{rate_text}",
         )
 
     def run_info(self, info: RunInfo) -> None:

@@ -18,7 +18,7 @@ from batchrun.core.job.config import JobConfig, JobObserver
 from batchrun.core.job.io import open_source
 from batchrun.core.job.plan_command import plan_job
 from batchrun.core.job.plan_file import save_plan
-from batchrun.core.job.prepare import job_defaults, read_rows, tokenize_for
+from batchrun.core.job.prepare import job_defaults, read_and_tokenize, read_rows, tokenize_for
 from batchrun.core.job.rows import Columns
 from batchrun.core.job.run import run_job
 from batchrun.core.job.token_cache import TokenCache, cache_path
@@ -186,3 +186,18 @@ def test_resumed_run_reuses_its_tokens(tmp_path):
     assert recorder.reused() and summary.resumed >= 4
     assert not cache_path(out).exists()
     assert len(out.read_text().splitlines()) == 12
+
+
+def test_rows_are_tokenized_as_they_are_read_and_their_text_dropped(tmp_path, checkpoint, monkeypatch):
+    monkeypatch.setattr("batchrun.core.job.prepare.TOKENIZE_CHUNK", 6)
+    src = mixed_rows(tmp_path / "in.jsonl")
+    source, rows = read(src, checkpoint)
+    want = tokenize.tokenize_rows(rows, checkpoint.tokenizer)
+    progress = []
+    read_rows = read_and_tokenize(
+        source, job_defaults(checkpoint, {}), checkpoint, progress=lambda d, t: progress.append((d, t))
+    )
+    assert read_rows.tokenized.prompts.digest() == want.digest()
+    assert [r.error for r in read_rows.rows] == [r.error for r in rows]
+    assert all(r.prompt is None and r.messages is None for r in read_rows.rows)
+    assert progress[0] == (6, 0) and progress[-1] == (40, 40)  # the total is known at the end

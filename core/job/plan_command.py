@@ -20,12 +20,10 @@ from batchrun.core.checkpoint import open_checkpoint
 from batchrun.core.job.config import JobObserver
 from batchrun.core.job.io import STDIO, open_source
 from batchrun.core.job.prepare import (
-    drop_prompt_text,
     expected_output_tokens,
     job_defaults,
-    read_rows,
+    read_and_tokenize,
     runnable_mask,
-    tokenize_for,
 )
 from batchrun.core.job.rows import Columns
 from batchrun.core.job.token_cache import TokenCache
@@ -137,17 +135,18 @@ def plan_job(
         model, need_weights=False, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
     )
     source = open_source(input, columns)
-    rows = read_rows(source, job_defaults(checkpoint, sampling or {}))
-    lap("read")
-
-    # the ids stay beside the default output, where a following `batchrun run` finds them
+    # rows are tokenized as they are read; the ids stay beside the default output, where a
+    # following `batchrun run` finds them
     cache = TokenCache.beside(source.default_output(), source, checkpoint) if input != STDIO else None
-    tokenizer, prompts, max_context, overflowing = tokenize_for(
-        checkpoint, rows, caches=[cache], progress=observer.tokenized if observer else None
+    progress = observer.tokenized if observer else None
+    read = read_and_tokenize(
+        source, job_defaults(checkpoint, sampling or {}), checkpoint, caches=[cache], progress=progress
     )
-    drop_prompt_text(rows)
+    rows, (tokenizer, prompts, max_context, overflowing) = read.rows, read.tokenized
+    lap("read")
+    seconds["read"] -= read.tokenize_s
+    seconds["tokenize"] = read.tokenize_s
     over_context = [rows[i].error for i in overflowing]
-    lap("tokenize")
 
     runnable = runnable_mask(rows)
     plan = build_plan(prompts, runnable, expected_output_tokens(rows), block_size)

@@ -30,16 +30,15 @@ from batchrun.core.job.io.atomic import remove_stale_temporaries
 from batchrun.core.job.journal import Journal, Journaled, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.job.prepare import (
+    ReadRows,
     check_writable,
-    drop_prompt_text,
     effective_seed,
     job_defaults,
     make_plan,
     output_path,
-    read_rows,
+    read_and_tokenize,
     refuse_invalid_rows,
     rows_by_id,
-    tokenize_for,
 )
 from batchrun.core.job.report import RunReport, errors_path, write_errors
 from batchrun.core.job.requests import make_requests, most_kv_tokens
@@ -68,15 +67,26 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     check_writable(output)
     if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
-    # A bad file fails here, having written nothing.
-    rows = read_rows(source, job_defaults(checkpoint, config.sampling))
-    if config.strict:
-        refuse_invalid_rows(source, rows)
+    # A bad file fails here, having written nothing. Rows are tokenized as they are read (or
+    # their ids memory-mapped from the token cache), their prompt text dropped.
+    caches = token_caches(output, source, checkpoint) if output != STDIO and config.input != STDIO else []
+    read = read_and_tokenize(
+        source,
+        job_defaults(checkpoint, config.sampling),
+        checkpoint,
+        caches=caches,
+        progress=observer.tokenized,
+    )
+    if read.cache is not None:
+        observer.phase(f"token ids reused from {read.cache.path}")
+    if config.strict:  # rows over the context or failing the chat template count too
+        refuse_invalid_rows(source, read.rows)
+    seconds = {"read": time.perf_counter() - started - read.tokenize_s, "tokenize": read.tokenize_s}
     if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
-        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
+        return _run_locked(config, observer, checkpoint, source, output, read, caches, seconds)
     with output_lock(output):
         remove_stale_temporaries(output)
-        return _run_locked(config, observer, checkpoint, source, output, rows, time.perf_counter() - started)
+        return _run_locked(config, observer, checkpoint, source, output, read, caches, seconds)
 
 
 def _run_locked(
@@ -85,24 +95,15 @@ def _run_locked(
     checkpoint: Checkpoint,
     source: PromptSource,
     output: Path,
-    rows: list[Row],
-    read_s: float,
+    read: ReadRows,
+    caches: list[TokenCache],
+    read_seconds: dict[str, float],
 ) -> JobSummary:
-    timer = PhaseTimer({"read": read_s})
+    timer = PhaseTimer(read_seconds)
     lap, seconds = timer.lap, timer.seconds
     side_files = output != STDIO
     report = RunReport(output if side_files else None, config.input, config.model)
-
-    observer.phase("tokenizing")
-    caches = token_caches(output, source, checkpoint) if side_files and config.input != STDIO else []
-    _, prompts, _, _ = tokenize_for(checkpoint, rows, caches=caches, progress=observer.tokenized)
-    drop_prompt_text(rows)
-    used = next((cache for cache in caches if cache.hit), None)
-    if used is not None:
-        observer.phase(f"token ids reused from {used.path}")
-    if config.strict:  # rows over the context or failing the chat template count too
-        refuse_invalid_rows(source, rows)
-    lap("tokenize")
+    rows, prompts = read.rows, read.tokenized.prompts
 
     journal = Journal(journal_path(output) if side_files else None)
     if config.restart:

@@ -119,15 +119,16 @@ class TokenCache:
         """The cache of ``source``'s ids beside ``output`` (a file path, not stdout)."""
         return cls(cache_path(output), cache_key(source, checkpoint))
 
-    def load(self, num_rows: int) -> tuple[PromptTokens, dict[int, str]] | None:
-        """The cached ids and tokenizer errors by row, or ``None`` if absent, stale or damaged."""
+    def load(self, num_rows: int | None = None) -> tuple[PromptTokens, dict[int, str]] | None:
+        """The cached ids and tokenizer errors by row, or ``None`` if absent, stale, damaged
+        or (given ``num_rows``) made for another number of rows."""
         try:
             meta = json.loads((self.path / META_FILE).read_text())
-            if meta.get("key") != self.key or meta.get("rows") != num_rows:
+            if meta.get("key") != self.key or num_rows not in (None, meta.get("rows")):
                 return None
             offsets = np.load(self.path / OFFSETS_FILE)
             tokens = _map_tokens(self.path / TOKENS_FILE, int(offsets[-1]))
-            if len(offsets) != num_rows + 1:
+            if len(offsets) != meta["rows"] + 1:
                 return None
             errors = {int(k): str(v) for k, v in meta.get("errors", {}).items()}
         except (OSError, ValueError, KeyError, TypeError, IndexError):

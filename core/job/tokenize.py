@@ -14,6 +14,7 @@ token plus one chunk.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -59,18 +60,58 @@ def tokenize_rows(
     in ``errors``, by row index); the others go on. The tokens depend on the rows' prompts and
     messages only, never on other row errors, so they can be cached per input file.
     """
-    sink = sink or TokenSink()
-    errors = {} if errors is None else errors
-    total = len(rows)
-    for start in range(0, total, TOKENIZE_CHUNK):
-        chunk = rows[start : start + TOKENIZE_CHUNK]
-        lengths, flat = _tokenize_chunk(chunk, tokenizer, template_kwargs, errors)
-        sink.append(lengths, flat)
-        if progress is not None:
-            progress(start + len(chunk), total)
-    for index, message in errors.items():
-        rows[index].error = rows[index].error or message
-    return sink.finish()
+    streamer = RowTokenizer(tokenizer, template_kwargs, sink=sink, progress=progress, total=len(rows))
+    if errors is not None:
+        streamer.errors = errors
+    for start in range(0, len(rows), TOKENIZE_CHUNK):
+        streamer.add(rows[start : start + TOKENIZE_CHUNK])
+    return streamer.finish(rows)
+
+
+class RowTokenizer:
+    """Tokenizes rows chunk by chunk, in row order, as they are read (``add``); ``finish``
+    gives every row's ids. With ``drop_text`` each chunk's prompt text and messages are
+    dropped once tokenized, so a million chats are never all in memory as Python objects.
+    ``total`` is the number of rows when known (0 if not), for ``progress``."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template_kwargs: dict[str, Any] | None = None,
+        *,
+        sink: TokenSink | None = None,
+        progress: Progress | None = None,
+        total: int = 0,
+        drop_text: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.template_kwargs = template_kwargs
+        self.sink = sink or TokenSink()
+        self.progress = progress
+        self.total = total
+        self.drop_text = drop_text
+        self.errors: dict[int, str] = {}  # row index -> message, for the rows that failed
+        self.done = 0
+        self.seconds = 0.0  # spent tokenizing (reading the rows not included)
+
+    def add(self, chunk: list[Row]) -> None:
+        start = time.perf_counter()
+        lengths, flat = _tokenize_chunk(chunk, self.tokenizer, self.template_kwargs, self.errors)
+        self.sink.append(lengths, flat)
+        if self.drop_text:
+            for row in chunk:
+                row.prompt = row.messages = None
+        self.done += len(chunk)
+        self.seconds += time.perf_counter() - start
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+    def finish(self, rows: list[Row]) -> PromptTokens:
+        """Every row's ids (``rows`` are all the rows added, in order); failed rows get
+        their ``error``."""
+        for index, message in self.errors.items():
+            rows[index].error = rows[index].error or message
+        return self.sink.finish()
 
 
 def _tokenize_chunk(
