@@ -16,6 +16,7 @@ from pathlib import Path
 from batchrun.core.checkpoint import Checkpoint, open_checkpoint
 from batchrun.core.engine.engine import build_engine
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
+from batchrun.core.errors import InputError
 from batchrun.core.job.config import (
     BUNDLED_MODEL,
     MAX_LISTED_PROBLEMS,
@@ -80,7 +81,12 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     if read.cache is not None:
         observer.phase(f"token ids reused from {read.cache.path}")
     if config.strict:  # rows over the context or failing the chat template count too
-        refuse_invalid_rows(source, read.rows)
+        try:
+            refuse_invalid_rows(source, read.rows)
+        except InputError:  # a refused file leaves nothing behind, not even its ids
+            if read.cache is None and caches:
+                caches[0].remove()
+            raise
     seconds = {"read": time.perf_counter() - started - read.tokenize_s, "tokenize": read.tokenize_s}
     if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
         return _run_locked(config, observer, checkpoint, source, output, read, caches, seconds)
