@@ -144,6 +144,7 @@ def plan_command(
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
     o = with_job_file(ctx, plan_command, {name: value for name, value in locals().items() if name != "ctx"})
+    from batchrun.cli.progress import TokenizeProgress
     from batchrun.core.job.plan_command import plan_job
     from batchrun.core.job.plan_file import save_plan
 
@@ -167,6 +168,7 @@ def plan_command(
             chat_template=read_chat_template(o.chat_template),
             chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
             limit=o.limit,
+            observer=TokenizeProgress(err),
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None

@@ -46,12 +46,53 @@ class ConsoleObserver(JobObserver):
         self.prompt_tokens = self.expected_output_tokens = 0  # the plan's, for the ETA
         self.start = self.last_log = clock()
         self.stopped_at: tuple[int, Path | None] | None = None  # (journaled rows, journal)
+        self.tokenize_bar: Progress | None = None
+        self.tokenize_start: tuple[float, int] | None = None  # (clock, rows done) at the first chunk
 
     def phase(self, name: str) -> None:
         if self.interactive:
             self.console.log(f"{name} ...")
         else:
             self._emit({"event": "phase", "phase": name}, name)
+
+    def tokenized(self, done: int, total: int) -> None:
+        """Tokenization progress (``total`` 0 while the rows are still being read): a bar on
+        a terminal, else a line every ``log_every`` seconds and one at the end, with the rows
+        done and the rate."""
+        now = self.clock()
+        final = 0 < total <= done
+        if self.tokenize_start is None:
+            self.tokenize_start = (now, done)
+            self.last_log = now
+        if self.interactive:
+            if self.tokenize_bar is None and not final:
+                self.tokenize_bar = Progress(
+                    TextColumn("[bold]tokenizing"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("rows"),
+                    console=self.console,
+                    transient=True,
+                )
+                self.tokenize_bar.start()
+                self.tokenize_task = self.tokenize_bar.add_task("rows", total=total or None)
+            if self.tokenize_bar is not None:
+                self.tokenize_bar.update(self.tokenize_task, completed=done, total=total or None)
+                if final:
+                    self.tokenize_bar.stop()
+                    self.tokenize_bar = None
+            return
+        if not final and now - self.last_log < self.log_every:
+            return
+        self.last_log = now
+        since, done_then = self.tokenize_start
+        rate = (done - done_then) / (now - since) if now > since and done > done_then else None
+        rate_text = f" ({rate:,.0f} rows/s)" if rate is not None else ""
+        of_total = f"/{total}" if total else ""
+        self._emit(
+            {"event": "tokenize", "rows_done": done, "rows_total": total or None, "rows_per_s": rate},
+            f"tokenized {done}{of_total} rows{rate_text}",
+        )
 
     def run_info(self, info: RunInfo) -> None:
         if self.json_lines:
@@ -169,6 +210,9 @@ class ConsoleObserver(JobObserver):
         )
 
     def close(self) -> None:
+        if self.tokenize_bar is not None:
+            self.tokenize_bar.stop()
+            self.tokenize_bar = None
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
@@ -179,3 +223,10 @@ class ConsoleObserver(JobObserver):
             print(json.dumps({"time": stamp, **event}), file=self.console.file, flush=True)
         else:
             self.console.print(f"{stamp} batchrun: {text}", highlight=False, soft_wrap=True)
+
+
+class TokenizeProgress(ConsoleObserver):
+    """``batchrun plan``'s progress: tokenization only (a bar on a terminal, else a line every
+    ``log_every`` seconds), nothing else."""
+
+    def phase(self, name: str) -> None: ...

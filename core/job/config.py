@@ -86,6 +86,11 @@ class JobObserver:
 
     def phase(self, name: str) -> None: ...
 
+    def tokenized(self, done: int, total: int) -> None:
+        """``done`` of ``total`` rows are tokenized (after every chunk; ``total`` is 0 while
+        rows are tokenized as they are read; ``done == total`` at the end, also when the ids
+        came from the token cache)."""
+
     def started(self, total_rows: int, prompt_tokens: int = 0, expected_output_tokens: int = 0) -> None:
         """Generation starts: the plan's prompt tokens to compute and its output estimate
         (``expected_tokens`` or ``max_tokens`` per row; rows may stop early) for the rows to

@@ -17,9 +17,10 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 
@@ -41,6 +42,14 @@ def row_key(prompt: np.ndarray, params: SamplingParams, seed: int, model_identit
     return h.hexdigest()
 
 
+class Journaled(NamedTuple):
+    """Where a journaled row's result is, and its token counts (for the summary)."""
+
+    offset: int  # byte offset of its line in the journal
+    prompt_tokens: int
+    output_tokens: int
+
+
 class Journal:
     """The journal at ``path``; with ``path=None`` (output to stdout) it keeps nothing."""
 
@@ -48,7 +57,8 @@ class Journal:
         self.path = path
         self.sync_rows = sync_rows
         self.sync_seconds = sync_seconds
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
+        self._skipped = 0
         self._unsynced = 0
         self._last_sync = time.monotonic()
         self.appended = 0  # rows this run wrote
@@ -56,37 +66,52 @@ class Journal:
     def read(self, keys: dict[str, str]) -> tuple[dict[str, RowResult], int]:
         """Results of rows whose journaled key equals ``keys[id]``; and how many lines were
         unreadable (a line cut by a crash) or stale (another prompt, params or model)."""
-        found: dict[str, RowResult] = {}
-        skipped = 0
+        found = {row_id: result for row_id, (_, result) in self._valid(keys)}
+        return found, self._skipped
+
+    def index(self, keys: dict[str, str]) -> tuple[dict[str, Journaled], int]:
+        """Where each valid row's result is (the last line of a row wins), without keeping
+        the results; and how many lines were unreadable or stale."""
+        found = {
+            row_id: Journaled(offset, result.prompt_tokens, result.output_tokens)
+            for row_id, (offset, result) in self._valid(keys)
+        }
+        return found, self._skipped
+
+    def _valid(self, keys: dict[str, str]) -> Iterator[tuple[str, tuple[int, RowResult]]]:
+        self._skipped = 0
         if self.path is None or not self.path.exists():
-            return found, 0
-        with open(self.path, encoding="utf-8", errors="replace") as f:
+            return
+        with open(self.path, "rb") as f:
+            offset = 0
             for line in f:
+                start, offset = offset, offset + len(line)
                 try:
-                    entry = json.loads(line)
-                    row_id, key, result = entry["id"], entry["key"], RowResult(**entry["result"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    skipped += 1
+                    row_id, key, result = parse_line(line)
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                    self._skipped += 1
                     continue
                 if keys.get(row_id) == key:
-                    found[row_id] = result
+                    yield row_id, (start, result)
                 else:
-                    skipped += 1
-        return found, skipped
+                    self._skipped += 1
 
-    def append(self, row_id: str, key: str, result: RowResult) -> None:
+    def append(self, row_id: str, key: str, result: RowResult) -> int:
+        """Journal a finished row; the byte offset of its line (``-1`` without a journal)."""
         if self.path is None:
-            return
+            return -1
         if self._file is None:
-            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open)
+            self._file = open(self.path, "ab")  # noqa: SIM115 (held open)
             self._repair_tail()
         line = json.dumps({"id": row_id, "key": key, "result": asdict(result)}, ensure_ascii=False)
-        self._file.write(line + "\n")
+        offset = self._file.tell()
+        self._file.write(line.encode() + b"\n")
         self._file.flush()
         self.appended += 1
         self._unsynced += 1
         if self._unsynced >= self.sync_rows or time.monotonic() - self._last_sync >= self.sync_seconds:
             self.sync()
+        return offset
 
     def sync(self) -> None:
         if self._file is not None and self._unsynced:
@@ -113,4 +138,11 @@ class Journal:
         with open(self.path, "rb") as f:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
-                self._file.write("\n")
+                self._file.write(b"\n")
+
+
+def parse_line(line: bytes) -> tuple[str, str, RowResult]:
+    """``(id, key, result)`` of a journal line; ``ValueError`` / ``KeyError`` / ``TypeError``
+    if it is damaged."""
+    entry = json.loads(line)
+    return entry["id"], entry["key"], RowResult(**entry["result"])

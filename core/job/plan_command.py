@@ -17,15 +17,16 @@ import numpy as np
 import torch
 
 from batchrun.core.checkpoint import open_checkpoint
-from batchrun.core.job.io import open_source
+from batchrun.core.job.config import JobObserver
+from batchrun.core.job.io import STDIO, open_source
 from batchrun.core.job.prepare import (
     expected_output_tokens,
     job_defaults,
-    read_rows,
+    read_and_tokenize,
     runnable_mask,
-    tokenize_for,
 )
 from batchrun.core.job.rows import Columns
+from batchrun.core.job.token_cache import TokenCache
 from batchrun.core.planner.lru_baseline import lru_computed_tokens
 from batchrun.core.planner.plan import Plan, PlanSummary, build_plan
 from batchrun.core.runner.kv_budget import kv_cache_bytes
@@ -126,6 +127,7 @@ def plan_job(
     chat_template: str | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     limit: int | None = None,
+    observer: JobObserver | None = None,
 ) -> tuple[PlanReport, Plan]:
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
     timer = PhaseTimer()
@@ -134,12 +136,22 @@ def plan_job(
         model, need_weights=False, chat_template=chat_template, chat_template_kwargs=chat_template_kwargs
     )
     source = open_source(input, columns, limit)
-    rows = read_rows(source, job_defaults(checkpoint, sampling or {}, source))
+    # rows are tokenized as they are read; the ids stay beside the default output, where a
+    # following `batchrun run` finds them
+    cache = TokenCache.beside(source.default_output(), source, checkpoint) if input != STDIO else None
+    progress = observer.tokenized if observer else None
+    read = read_and_tokenize(
+        source,
+        job_defaults(checkpoint, sampling or {}, source),
+        checkpoint,
+        caches=[cache],
+        progress=progress,
+    )
+    rows, (tokenizer, prompts, max_context, overflowing) = read.rows, read.tokenized
     lap("read")
-
-    tokenizer, prompts, max_context, overflowing = tokenize_for(checkpoint, rows)
+    seconds["read"] -= read.tokenize_s
+    seconds["tokenize"] = read.tokenize_s
     over_context = [rows[i].error for i in overflowing]
-    lap("tokenize")
 
     runnable = runnable_mask(rows)
     plan = build_plan(prompts, runnable, expected_output_tokens(rows), block_size)

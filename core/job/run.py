@@ -17,6 +17,7 @@ from pathlib import Path
 from batchrun.core.checkpoint import Checkpoint, open_checkpoint
 from batchrun.core.engine.engine import build_engine
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
+from batchrun.core.errors import InputError
 from batchrun.core.job.config import (
     BUNDLED_MODEL,
     MAX_LISTED_PROBLEMS,
@@ -29,23 +30,24 @@ from batchrun.core.job.config import (
 from batchrun.core.job.io import STDIO, OutputContext, PromptSource, open_source
 from batchrun.core.job.io.atomic import remove_stale_temporaries
 from batchrun.core.job.io.convert import Writer
-from batchrun.core.job.journal import Journal, journal_path, row_key
+from batchrun.core.job.journal import Journal, Journaled, journal_path, row_key
 from batchrun.core.job.lock import OutputLocked, is_locked, locked_message, output_lock
 from batchrun.core.job.prepare import (
+    ReadRows,
     check_writable,
     effective_seed,
     job_defaults,
     job_output,
     make_plan,
-    read_rows,
+    read_and_tokenize,
     refuse_invalid_rows,
     rows_by_id,
-    tokenize_for,
 )
 from batchrun.core.job.report import RunReport, errors_path, write_errors
 from batchrun.core.job.requests import make_requests, most_kv_tokens
-from batchrun.core.job.results import output_shape, row_result
+from batchrun.core.job.results import StoredResults, output_shape, row_result
 from batchrun.core.job.rows import Row, RowResult
+from batchrun.core.job.token_cache import TokenCache, cache_path
 from batchrun.core.planner.plan import Plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
 from batchrun.core.runner.model_loader import LoadedModel, load_model
@@ -68,19 +70,31 @@ def run_job(config: JobConfig, observer: JobObserver | None = None) -> JobSummar
     check_writable(output)
     if output != STDIO and is_locked(output):  # fail fast, before reading a large file
         raise OutputLocked(locked_message(output))
-    # A bad file fails here, having written nothing.
-    rows = read_rows(source, job_defaults(checkpoint, config.sampling, source))
-    if config.strict:
-        refuse_invalid_rows(source, rows)
+    # A bad file fails here, having written nothing. Rows are tokenized as they are read (or
+    # their ids memory-mapped from the token cache), their prompt text dropped.
+    caches = token_caches(output, source, checkpoint) if output != STDIO and config.input != STDIO else []
+    read = read_and_tokenize(
+        source,
+        job_defaults(checkpoint, config.sampling, source),
+        checkpoint,
+        caches=caches,
+        progress=observer.tokenized,
+    )
+    if read.cache is not None:
+        observer.phase(f"token ids reused from {read.cache.path}")
+    if config.strict:  # rows over the context or failing the chat template count too
+        try:
+            refuse_invalid_rows(source, read.rows)
+        except InputError:  # a refused file leaves nothing behind, not even its ids
+            if read.cache is None and caches:
+                caches[0].remove()
+            raise
+    seconds = {"read": time.perf_counter() - started - read.tokenize_s, "tokenize": read.tokenize_s}
     if output == STDIO:  # no side files: nothing to lock, resume or report beside stdout
-        return _run_locked(
-            config, observer, checkpoint, source, output, write, rows, time.perf_counter() - started
-        )
+        return _run_locked(config, observer, checkpoint, source, output, write, read, caches, seconds)
     with output_lock(output):
         remove_stale_temporaries(output)
-        return _run_locked(
-            config, observer, checkpoint, source, output, write, rows, time.perf_counter() - started
-        )
+        return _run_locked(config, observer, checkpoint, source, output, write, read, caches, seconds)
 
 
 def _run_locked(
@@ -90,19 +104,15 @@ def _run_locked(
     source: PromptSource,
     output: Path,
     write: Writer,
-    rows: list[Row],
-    read_s: float,
+    read: ReadRows,
+    caches: list[TokenCache],
+    read_seconds: dict[str, float],
 ) -> JobSummary:
-    timer = PhaseTimer({"read": read_s})
+    timer = PhaseTimer(read_seconds)
     lap, seconds = timer.lap, timer.seconds
     side_files = output != STDIO
     report = RunReport(output if side_files else None, config.input, config.model)
-
-    observer.phase("tokenizing")
-    _, prompts, _, _ = tokenize_for(checkpoint, rows)
-    if config.strict:  # rows over the context or failing the chat template count too
-        refuse_invalid_rows(source, rows)
-    lap("tokenize")
+    rows, prompts = read.rows, read.tokenized.prompts
 
     journal = Journal(journal_path(output) if side_files else None)
     if config.restart:
@@ -113,7 +123,7 @@ def _run_locked(
         for row in rows
         if not row.error
     }
-    resumed, ignored = journal.read(keys)
+    resumed, ignored = journal.index(keys)
     if resumed or ignored:
         observer.phase(
             f"resuming: {len(resumed)} row(s) already done in {journal.path.name}"
@@ -143,9 +153,10 @@ def _run_locked(
 
         observer.phase("writing")
         context = OutputContext(config.model.name, int(time.time()), output_shape(rows))
-        write(results, context)
+        write(results, context)  # streams the input and the journal in row order
         if side_files:
-            write_errors(output, rows, results)
+            write_errors(output, [rows[i] for i in results.failed()], [results[i] for i in results.failed()])
+        results.close()
         lap("write")
     except BaseException as exc:  # the journal keeps every finished row for the next run
         journal.close()
@@ -156,26 +167,42 @@ def _run_locked(
         observer.stopped(journaled, journal.path if journaled else None)
         raise
 
-    errors = [r.error for r in results if r.error]
-    resumed_tokens = sum(resumed[row.id].output_tokens for row in rows if row.id in resumed)
+    failed = results.failed()
+    errors = [results[i].error for i in failed[:MAX_LISTED_PROBLEMS]]
+    resumed_tokens = sum(entry.output_tokens for entry in resumed.values())
+    output_tokens = int(results.output_tokens.sum())
     summary = JobSummary(
         input=config.input,
         output=output,
         rows=len(rows),
-        failed=len(errors),
+        failed=len(failed),
         resumed=len(resumed),
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        output_tokens=sum(r.output_tokens for r in results),
-        generated_output_tokens=sum(r.output_tokens for r in results) - resumed_tokens,
+        prompt_tokens=int(results.prompt_tokens.sum()),
+        output_tokens=output_tokens,
+        generated_output_tokens=output_tokens - resumed_tokens,
         seconds=seconds,
         engine=stats,
         plan=plan.summary,
-        errors=errors[:MAX_LISTED_PROBLEMS],
-        errors_file=errors_path(output) if errors and side_files else None,
+        errors=errors,
+        errors_file=errors_path(output) if failed and side_files else None,
     )
     report.finished(summary)
     journal.discard()  # the output now holds every row; the report says the job is done
+    for cache in caches:
+        if cache.hit or cache.path == cache_path(output):
+            cache.remove()
     return summary
+
+
+def token_caches(output: Path, source: PromptSource, checkpoint: Checkpoint) -> list[TokenCache]:
+    """Where ``run`` looks for the prompts' ids: beside its output (a resumed run's), then
+    beside the default output, where ``batchrun plan`` leaves them. New ids go beside the
+    output."""
+    caches = [TokenCache.beside(output, source, checkpoint)]
+    default = source.default_output()
+    if default != output:
+        caches.append(TokenCache(cache_path(default), caches[0].key))
+    return caches
 
 
 def generate(
@@ -188,18 +215,20 @@ def generate(
     observer: JobObserver,
     journal: Journal | None = None,
     keys: dict[str, str] | None = None,
-    resumed: dict[str, RowResult] | None = None,
+    resumed: dict[str, Journaled] | None = None,
     report: RunReport | None = None,
-) -> tuple[list[RowResult], EngineStats | None]:
+) -> tuple[StoredResults, EngineStats | None]:
     """Run every planned row through the engine; invalid rows get their error record and
-    journaled rows their journaled result. Each finished row is journaled at once."""
-    results: list[RowResult | None] = [None] * len(rows)
+    journaled rows their journaled result. Each finished row is journaled at once and read
+    back from the journal when the output is written, so results are not all held here."""
+    journal = journal or Journal(None)
+    results = StoredResults(len(rows), journal.path)
     for row in rows:
         if row.error:
-            results[row.index] = RowResult.failed(row.error)
+            results.keep(row.index, RowResult.failed(row.error))
             observer.row_finished(results[row.index])
         elif resumed and row.id in resumed:
-            results[row.index] = resumed[row.id]
+            results.journaled(row.index, *resumed[row.id])
     if resumed:
         observer.rows_resumed(len(resumed))
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
@@ -227,17 +256,19 @@ def generate(
             samples.append(completion)
             if len(samples) < rows[index].params.n:
                 continue
-            result = results[index] = row_result(pending.pop(index), len(prompts[index]))
-            if journal is not None and keys is not None and result.error is None:
-                journal.append(rows[index].id, keys[rows[index].id], result)
+            result = row_result(pending.pop(index), len(prompts[index]))
+            if result.error is None and journal.path is not None and keys is not None:
+                offset = journal.append(rows[index].id, keys[rows[index].id], result)
+                results.journaled(index, offset, result.prompt_tokens, result.output_tokens)
+            else:
+                results.keep(index, result)
             observer.row_finished(result)
         stats = engine.stats
-    if journal is not None:
-        journal.sync()
-    missing = [i for i, r in enumerate(results) if r is None]
+    journal.sync()
+    missing = [i for i in range(len(rows)) if not results.has(i)]
     if missing:
         raise RuntimeError(f"engine finished without results for rows {missing[:MAX_LISTED_PROBLEMS]}")
-    return results, stats  # type: ignore[return-value]
+    return results, stats
 
 
 def fit_to_kv(rows: list[Row], prompts: PromptTokens, capacity: int) -> int:

@@ -9,6 +9,7 @@ at the folder holding the output::
     .out.parquet.journal.jsonl       rows finished by an unfinished run (resume)
     .out.parquet.report.json         timings, counts, model, device, versions
     .out.parquet.errors.jsonl        the failed rows, when there are any
+    .out.parquet.tokens/             the prompts' token ids, reused by a resumed run (token_cache.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 
 LOCK, JOURNAL, REPORT, ERRORS = ".lock", ".journal.jsonl", ".report.json", ".errors.jsonl"
+TOKENS = ".tokens"
 
 
 def side_file(output: Path, suffix: str) -> Path:

@@ -48,8 +48,8 @@ class PromptTokens:
     def digest(self) -> str:
         """Content hash of every row's tokens: a plan made for other tokens is refused."""
         h = hashlib.blake2b(digest_size=16)
-        h.update(np.ascontiguousarray(self.offsets, dtype=np.int64).tobytes())
-        h.update(np.ascontiguousarray(self.tokens, dtype=TOKEN_DTYPE).tobytes())
+        h.update(np.ascontiguousarray(self.offsets, dtype=np.int64).data)
+        h.update(np.ascontiguousarray(self.tokens, dtype=TOKEN_DTYPE).data)  # no copy
         return h.hexdigest()
 
 
@@ -89,3 +89,28 @@ class PromptTokensBuilder:
             dest = shift + np.arange(len(flat), dtype=np.int64)
             tokens[dest[kept]] = flat[kept]
         return PromptTokens(tokens, offsets)
+
+
+class TokenSink:
+    """Receives every row's tokens chunk by chunk, in row order; ``finish`` gives them as one
+    ``PromptTokens``. This one keeps the chunks in memory."""
+
+    def __init__(self) -> None:
+        self._lengths: list[np.ndarray] = []
+        self._tokens: list[np.ndarray] = []
+
+    def append(self, lengths: np.ndarray, tokens: np.ndarray) -> None:
+        """The next ``len(lengths)`` rows: their lengths and their tokens, concatenated."""
+        self._lengths.append(np.asarray(lengths, dtype=np.int64))
+        self._tokens.append(np.asarray(tokens, dtype=TOKEN_DTYPE))
+
+    def offsets(self) -> np.ndarray:
+        lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, dtype=np.int64)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return offsets
+
+    def finish(self) -> PromptTokens:
+        tokens = np.concatenate(self._tokens) if self._tokens else np.zeros(0, dtype=TOKEN_DTYPE)
+        self._tokens = []
+        return PromptTokens(tokens, self.offsets())
