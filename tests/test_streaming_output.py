@@ -9,9 +9,9 @@ import shutil
 
 import pytest
 
-from batchrun.core.job import run as run_module
+from batchrun.core.job import generate as generate_module
 from batchrun.core.job.config import JobConfig
-from batchrun.core.job.io import OutputContext, open_source
+from batchrun.core.job.io import STDIO, OutputContext, open_source
 from batchrun.core.job.journal import journal_path
 from batchrun.core.job.results import StoredResults
 from batchrun.core.job.rows import RowResult
@@ -34,14 +34,14 @@ def test_streamed_output_equals_the_in_memory_write(tmp_path, monkeypatch, name,
     shutil.copy(SAMPLE_JOBS / name, src)
     held: dict[int, RowResult] = {}
     contexts: list[OutputContext] = []
-    row_result = run_module.row_result
+    row_result = generate_module.row_result
 
     def spy(completions, prompt_tokens):
         result = row_result(completions, prompt_tokens)
         held[completions[0].row] = result
         return result
 
-    monkeypatch.setattr(run_module, "row_result", spy)
+    monkeypatch.setattr(generate_module, "row_result", spy)
     write = type(open_source(src)).write
 
     def spy_write(self, output, results, context):
@@ -69,5 +69,5 @@ def test_stdout_output_keeps_results_in_memory_and_matches_the_file(tmp_path, ca
     summary = run_job(config)
     assert summary.failed == 1 and summary.errors_file is not None
     capsys.readouterr()
-    run_job(JobConfig(input=src, model=TINY_LLAMA, sampling={"max_tokens": 5}, output=run_module.STDIO))
+    run_job(JobConfig(input=src, model=TINY_LLAMA, sampling={"max_tokens": 5}, output=STDIO))
     assert capsys.readouterr().out == (tmp_path / "docs.out.jsonl").read_text()

@@ -19,12 +19,8 @@ import torch
 from batchrun.core.checkpoint import open_checkpoint
 from batchrun.core.job.config import JobObserver
 from batchrun.core.job.io import STDIO, open_source
-from batchrun.core.job.prepare import (
-    expected_output_tokens,
-    job_defaults,
-    read_and_tokenize,
-    runnable_mask,
-)
+from batchrun.core.job.planning import expected_output_tokens, runnable_mask
+from batchrun.core.job.prepare import job_defaults, read_and_tokenize
 from batchrun.core.job.rows import Columns
 from batchrun.core.job.token_cache import TokenCache
 from batchrun.core.planner.lru_baseline import lru_computed_tokens

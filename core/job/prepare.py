@@ -5,103 +5,22 @@ Everything here runs before the model loads, so a bad job fails in seconds."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Collection, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from batchrun.core.checkpoint import Checkpoint
 from batchrun.core.errors import InputError
-from batchrun.core.job.config import MAX_LISTED_PROBLEMS, JobConfig
+from batchrun.core.job.config import MAX_LISTED_PROBLEMS
 from batchrun.core.job.io import (
-    REWRITING_FORMATS,
-    STDIO,
-    STREAMABLE_FORMATS,
-    OutputTarget,
     PromptSource,
-    output_target,
 )
-from batchrun.core.job.io.convert import ARROW_FORMATS, output_kind
-from batchrun.core.job.io.shards import ParquetShardsSource
-from batchrun.core.job.plan_file import load_plan
 from batchrun.core.job.rows import Row, parse_row
 from batchrun.core.job.token_cache import TokenCache
 from batchrun.core.job.tokenize import TOKENIZE_CHUNK, Progress, RowTokenizer, tokenize_rows
 from batchrun.core.params import ParamError, SamplingParams, row_seed
-from batchrun.core.planner.plan import Plan, build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
-
-
-def job_output(config: JobConfig, source: PromptSource) -> OutputTarget:
-    """Where the output goes (``STDIO`` for stdout) and how it is written there (in the format
-    its name says), refused if batchrun cannot write it there safely: see
-    ``check_output_target``."""
-    if config.in_place:
-        if config.output is not None:
-            raise InputError("use either --in-place or --output, not both")
-        if config.input == STDIO:
-            raise InputError("--in-place needs a file; stdin (-) cannot be replaced")
-        if config.limit is not None:
-            raise InputError("--in-place with --limit would cut the input down to its first rows; use -o")
-        if isinstance(source, ParquetShardsSource):
-            raise InputError(
-                f"--in-place is not supported for Parquet shards ({config.input}); write them to "
-                "another folder with -o FOLDER"
-            )
-        output = config.input
-    elif config.output is not None:
-        output = config.output
-    else:
-        output = STDIO if config.input == STDIO else source.default_output()
-    if output == STDIO:
-        if source.format_name not in STREAMABLE_FORMATS and source.format_name not in ARROW_FORMATS:
-            raise InputError(f"-o - writes JSONL to stdout; {config.input} cannot be written as JSONL")
-        return output_target(source, output)
-    if source.format_name in REWRITING_FORMATS and _same_file(output, config.input):
-        raise InputError(
-            f"{output}: an OpenAI batch file's output is response lines, not requests, so it "
-            "cannot replace its input (a second run would fail every row); write it elsewhere "
-            "with -o responses.jsonl"
-        )
-    return check_output_target(output, source)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    return a.resolve() == b.resolve()
-
-
-def check_output_target(output: Path, source: PromptSource) -> OutputTarget:
-    """Refuse outputs batchrun cannot replace atomically: a symbolic link (replacing it would
-    replace the link, not write its target), a device, pipe or socket (``/dev/null``,
-    ``/dev/stdout``), or a name saying a format the input cannot be written as."""
-    if output.is_symlink():
-        raise InputError(
-            f"{output} is a symbolic link (to {os.readlink(output)}); batchrun replaces its output "
-            "atomically, which would replace the link, not write through it. Pass the real path "
-            f"(-o {output.resolve()}), or -o - to write JSONL to stdout"
-        )
-    folder_output = source.folder_output and output_kind(output) is None
-    if output.exists() and not (output.is_dir() if folder_output else output.is_file()):
-        kind = "a folder" if output.is_dir() else "not a regular file (a device, pipe or socket)"
-        raise InputError(
-            f"{output} is {kind}; batchrun writes its output as a new "
-            f"{'folder' if folder_output else 'regular file'} and renames it into place. "
-            "Pass another -o, or -o - to write JSONL to stdout"
-        )
-    return output_target(source, output)
-
-
-def check_writable(output: Path) -> None:
-    if output == STDIO:
-        return
-    folder = output.parent
-    if not folder.is_dir():
-        raise InputError(f"output folder {folder} does not exist; create it or pass -o elsewhere")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder {folder} is not writable; pass -o to a writable place")
 
 
 def read_rows(
@@ -337,39 +256,6 @@ def drop_prompt_text(rows: list[Row]) -> None:
     are gigabytes as Python objects; nothing after tokenization reads them)."""
     for row in rows:
         row.prompt = row.messages = None
-
-
-def runnable_mask(rows: list[Row]) -> np.ndarray:
-    return np.fromiter((row.error is None for row in rows), dtype=bool, count=len(rows))
-
-
-def expected_output_tokens(rows: list[Row]) -> np.ndarray:
-    """Each row's output-length estimate for the plan: its hint, else its ``max_tokens``."""
-
-    def estimate(row: Row) -> int:
-        if row.error:
-            return 0
-        return row.expected_tokens if row.expected_tokens is not None else row.params.max_tokens
-
-    return np.fromiter(map(estimate, rows), dtype=np.int64, count=len(rows))
-
-
-def make_plan(config: JobConfig, rows: list[Row], prompts: PromptTokens, skip: Collection[int] = ()) -> Plan:
-    """The job's plan: loaded from ``config.plan_file`` (checked against the input), or built.
-    Rows in ``skip`` (resumed from the journal) are left out."""
-    runnable = runnable_mask(rows)
-    if config.plan_file is not None:
-        plan = load_plan(config.plan_file, prompts, runnable, config.engine.block_size)
-        return plan.without(set(skip))
-    runnable[list(skip)] = False
-    return build_plan(
-        prompts,
-        runnable,
-        expected_output_tokens(rows),
-        config.engine.block_size,
-        sharing=config.prefix_sharing,
-        order=config.order,
-    )
 
 
 def refuse_invalid_rows(source: PromptSource, rows: list[Row]) -> None:
