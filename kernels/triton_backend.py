@@ -97,30 +97,14 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, state, query, k_cache, v_cache, scale, softcap=None, sliding_window=None):
         cascade = state.cascade
-        plain = dict(softcap=softcap, sliding_window=sliding_window, max_q_len=state.max_q_len)
+        step = (query, k_cache, v_cache, state.cu_seqlens_q, state.seq_lens, state.block_tables, scale)
         if cascade is None or sliding_window:
             return paged_attention(
-                query,
-                k_cache,
-                v_cache,
-                state.cu_seqlens_q,
-                state.seq_lens,
-                state.block_tables,
-                scale,
-                **plain,
+                *step, softcap=softcap, sliding_window=sliding_window, max_q_len=state.max_q_len
             )
+        # each sequence's own keys (after its group's prefix), then every group's prefix, merged
         out, lse = paged_attention(
-            query,
-            k_cache,
-            v_cache,
-            state.cu_seqlens_q,
-            state.seq_lens,
-            state.block_tables,
-            scale,
-            kv_start=cascade.kv_start,
-            return_lse=True,
-            softcap=softcap,
-            max_q_len=state.max_q_len,
+            *step, kv_start=cascade.kv_start, return_lse=True, softcap=softcap, max_q_len=state.max_q_len
         )
         prefix = prefix_attention(
             query,
