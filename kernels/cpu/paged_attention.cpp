@@ -32,6 +32,7 @@ enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 constexpr int kTileRows = 16;    // query rows per work unit (x G heads each)
 constexpr int kKeyChunk = 32;    // keys converted and scored at a time
+constexpr int kTransposeMinVectors = 8;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline float load(const float* p, int64_t i) { return p[i]; }
@@ -42,6 +43,25 @@ inline float load(const uint16_t* p, int64_t i) {
   return f;
 }
 inline float load(const _Float16* p, int64_t i) { return float(p[i]); }
+
+// e^x for x <= 0, vectorizable (the compiler turns loops of it into SIMD code, which it
+// cannot do with std::exp): e^x = 2^n * 2^f with n = x log2 e rounded to nearest, and 2^f
+// for |f| <= 1/2 by its degree-6 Taylor polynomial (relative error about 1e-7, float32's own
+// rounding). Inputs under -87 give about 1e-38 instead of less, which no softmax sum notices.
+inline float exp_nonpositive(float x) {
+  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
+  const float n = std::floor(t + 0.5f);
+  const float f = t - n;
+  float p = 1.5403530393381609e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  return p * __builtin_bit_cast(float, bits);
+}
 
 inline void store(float* p, int64_t i, float f) { p[i] = f; }
 inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch does
@@ -113,13 +133,16 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
   scratch.resize(size_t(nvec) * D * 2 + size_t(kKeyChunk) * D * 2 + size_t(nvec) * 4);
   float* qf = scratch.data();           // (nvec, D)
   float* acc = qf + size_t(nvec) * D;   // (nvec, D)
-  float* kf = acc + size_t(nvec) * D;   // (chunk, D)
-  float* vf = kf + size_t(kKeyChunk) * D;
+  float* kt = acc + size_t(nvec) * D;   // (D, chunk) keys if transposed, else (chunk, D)
+  float* vf = kt + size_t(kKeyChunk) * D;  // (chunk, D)
   float* m = vf + size_t(kKeyChunk) * D;  // running max
   float* l = m + nvec;                    // running sum
   int32_t* lo = reinterpret_cast<int32_t*>(l + nvec);  // per row: visible keys [lo, hi)
   int32_t* hi = lo + nvec;
 
+  // Many query vectors amortise transposing each key chunk (prefill tiles); few (a decode's
+  // G heads) do not, and take dot products key by key.
+  const bool transposed = nvec >= kTransposeMinVectors;
   int32_t tile_lo = INT32_MAX, tile_hi = 0;
   for (int r = 0; r < u.count; ++r) {
     const int32_t j = u.first + r;
@@ -144,40 +167,67 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
     }
   }
 
-  float s[kKeyChunk];
+  alignas(64) float s[kKeyChunk];
   for (int32_t k0 = tile_lo; k0 < tile_hi; k0 += kKeyChunk) {
     const int kn = std::min<int32_t>(kKeyChunk, tile_hi - k0);
     for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
       const int32_t p = k0 + j;
       const int64_t at = (int64_t(table[p / B]) * B + p % B) * kv_token + int64_t(u.kv_head) * D;
-      for (int d = 0; d < D; ++d) {
-        kf[size_t(j) * D + d] = load(kc, at + d);
-        vf[size_t(j) * D + d] = load(vc, at + d);
-      }
+      if (transposed)
+        for (int d = 0; d < D; ++d) kt[size_t(d) * kKeyChunk + j] = load(kc, at + d);
+      else
+        for (int d = 0; d < D; ++d) kt[size_t(j) * D + d] = load(kc, at + d);
+      for (int d = 0; d < D; ++d) vf[size_t(j) * D + d] = load(vc, at + d);
     }
+    if (transposed)
+      for (int d = 0; d < D; ++d)
+        for (int j = kn; j < kKeyChunk; ++j) kt[size_t(d) * kKeyChunk + j] = 0.f;
     for (int v = 0; v < nvec; ++v) {
       const int j0 = std::max(lo[v] - k0, 0), j1 = std::min(hi[v] - k0, kn);
       if (j0 >= j1) continue;
       const float* qv = qf + size_t(v) * D;
-      float chunk_max = kNegInf;
-      for (int j = j0; j < j1; ++j) {
-        const float* kj = kf + size_t(j) * D;
-        float dot = 0.f;
+      if (transposed) {  // the whole chunk at once: vector lanes run over keys
+        for (int j = 0; j < kKeyChunk; ++j) s[j] = 0.f;
+        for (int d = 0; d < D; ++d) {
+          const float qd = qv[d];
+          const float* kd = kt + size_t(d) * kKeyChunk;
+          for (int j = 0; j < kKeyChunk; ++j) s[j] += qd * kd[j];
+        }
+      } else {  // key by key: lanes run over the head dim
+        for (int j = 0; j < kKeyChunk; ++j) {
+          float dot = 0.f;
+          if (j >= j0 && j < j1) {
+            const float* kj = kt + size_t(j) * D;
 #pragma omp simd reduction(+ : dot)
-        for (int d = 0; d < D; ++d) dot += qv[d] * kj[d];
-        float score = dot * a.scale;
-        if (a.softcap > 0.f) score = std::tanh(score / a.softcap) * a.softcap;
-        s[j] = score;
-        chunk_max = std::max(chunk_max, score);
+            for (int d = 0; d < D; ++d) dot += qv[d] * kj[d];
+          }
+          s[j] = dot;
+        }
       }
-      const float m_new = std::max(m[v], chunk_max);
+      if (a.softcap > 0.f)
+        for (int j = j0; j < j1; ++j) s[j] = std::tanh(s[j] * a.scale / a.softcap) * a.softcap;
+      else
+        for (int j = 0; j < kKeyChunk; ++j) s[j] *= a.scale;
+      float chunk_max = kNegInf;
+#pragma omp simd reduction(max : chunk_max)
+      for (int j = 0; j < kKeyChunk; ++j) {
+        const bool visible = j >= j0 && j < j1;
+        chunk_max = std::max(chunk_max, visible ? s[j] : kNegInf);
+      }
+      const float m_new = std::max(m[v], chunk_max);  // finite: the chunk sees a key
       const float alpha = m[v] == kNegInf ? 0.f : std::exp(m[v] - m_new);
-      float* av = acc + size_t(v) * D;
       float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int j = 0; j < kKeyChunk; ++j) {
+        const bool visible = j >= j0 && j < j1;
+        const float p = exp_nonpositive(std::min(s[j] - m_new, 0.f));
+        s[j] = visible ? p : 0.f;
+        sum += s[j];
+      }
+      float* av = acc + size_t(v) * D;
       for (int d = 0; d < D; ++d) av[d] *= alpha;
       for (int j = j0; j < j1; ++j) {
-        const float p = std::exp(s[j] - m_new);
-        sum += p;
+        const float p = s[j];
         const float* vj = vf + size_t(j) * D;
         for (int d = 0; d < D; ++d) av[d] += p * vj[d];
       }
