@@ -128,6 +128,8 @@ def run_vllm(args, prompts: list[list[int]], limits: list[int]) -> tuple[dict, l
     start = time.perf_counter()
     results = llm.generate(inputs, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    # Prompt tokens each request read from the prefix cache; recomputation after a preemption
+    # is not reported by vLLM, so under KV pressure its prompt tokens computed are a lower bound.
     cached = sum(r.num_cached_tokens or 0 for r in results)
     result = {
         "seconds": seconds,
