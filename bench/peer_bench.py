@@ -50,11 +50,11 @@ import torch
 from workloads import WORKLOADS, make_model, make_workload
 
 HERE = Path(__file__).resolve().parent
-SYSTEMS = ("batchrun", "vllm", "generate")
+SYSTEMS = ("batchrun", "vllm", "generate", "batchrun-torch")
 CHOICES = (*WORKLOADS, "pressure")
 COLUMNS = (
     ("workload", "<9"),
-    ("system", "<9"),
+    ("system", "<15"),
     ("gen s", ">8"),
     ("out tok/s", ">10"),
     ("prompt tok", ">11"),
@@ -198,7 +198,7 @@ def describe(workload: str, system: str, r: dict, limits: list[int], base: dict 
 
 def print_row(cells: dict) -> None:
     if "error" in cells:
-        print(f"{cells['workload']:<9}{cells['system']:<9} failed: {cells['error']}", flush=True)
+        print(f"{cells['workload']:<9}{cells['system']:<15} failed: {cells['error']}", flush=True)
         return
     print("".join(f"{cells[name]:{spec}}" for name, spec in COLUMNS), flush=True)
 

@@ -1,8 +1,9 @@
 """One system of ``bench/peer_bench.py`` on one workload, in this process; prints one JSON line.
 
-    python bench/peer_systems.py batchrun|generate|vllm --model DIR --prompts FILE --out FILE ...
+    python bench/peer_systems.py SYSTEM --model DIR --prompts FILE --out FILE ...
 
-Run by ``peer_bench.py``, each time in a fresh process; ``vllm`` in the Python given with
+SYSTEM is batchrun, batchrun-torch (the torch reference attention), generate or vllm. Run by
+``peer_bench.py``, each time in a fresh process; ``vllm`` in the Python given with
 ``--vllm-python`` (its own virtualenv and torch), so this file imports nothing but the standard
 library at the top. The prompts file is JSON ``{"prompts": [[token id, ...], ...],
 "max_tokens": [...]}``; every system is greedy with EOS ignored, so row i generates exactly
@@ -22,7 +23,9 @@ import time
 from pathlib import Path
 
 
-def run_batchrun(args, prompts: list[list[int]], limits: list[int]) -> tuple[dict, list[list[int]]]:
+def run_batchrun(
+    args, prompts: list[list[int]], limits: list[int], attention_backend: str = "auto"
+) -> tuple[dict, list[list[int]]]:
     """batchrun's engine through its Python API: plan (timed), then every row through the engine."""
     import numpy as np
 
@@ -37,7 +40,7 @@ def run_batchrun(args, prompts: list[list[int]], limits: list[int]) -> tuple[dic
 
     loaded = load_model(args.model, device="cpu", dtype=args.dtype)
     options = {} if args.token_budget is None else {"token_budget": args.token_budget}
-    config = EngineConfig(kv_cache_bytes=args.kv_bytes, **options)
+    config = EngineConfig(kv_cache_bytes=args.kv_bytes, attention_backend=attention_backend, **options)
     tokens = PromptTokens.from_lists(prompts)
     max_tokens = np.array(limits)
     engine = build_engine(loaded, config, useful_tokens=int(tokens.lengths.sum() + max_tokens.sum()))
@@ -140,7 +143,18 @@ def run_vllm(args, prompts: list[list[int]], limits: list[int]) -> tuple[dict, l
     return result, [list(r.outputs[0].token_ids) for r in results]
 
 
-RUNNERS = {"batchrun": run_batchrun, "generate": run_generate, "vllm": run_vllm}
+def run_batchrun_torch(args, prompts: list[list[int]], limits: list[int]) -> tuple[dict, list[list[int]]]:
+    """batchrun with the torch reference attention (gathers each sequence's blocks) instead of
+    the in-place CPU kernel: what the kernel buys."""
+    return run_batchrun(args, prompts, limits, attention_backend="torch")
+
+
+RUNNERS = {
+    "batchrun": run_batchrun,
+    "batchrun-torch": run_batchrun_torch,
+    "generate": run_generate,
+    "vllm": run_vllm,
+}
 
 
 def main() -> None:
