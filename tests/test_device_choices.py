@@ -49,7 +49,7 @@ def spec(config, block_size=16):
 def test_auto_takes_the_in_place_kernel_on_cpu_and_says_why():
     config = Gemma2Config(**COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=20.0)
     backend, why = choose_backend(EngineConfig(), fake_loaded(config), spec(config))
-    assert backend.name == "cpu" and why == "auto: cpu on cpu (supports the model)"
+    assert backend.name == "cpu" and why == "auto: the in-place CPU kernel (supports the model)"
 
 
 def test_auto_falls_back_to_the_torch_reference_when_the_kernel_cannot_build(monkeypatch, tmp_path):

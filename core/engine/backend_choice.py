@@ -14,7 +14,8 @@ from batchrun.core.runner.kv_cache import KVCacheSpec
 from batchrun.core.runner.model_loader import LoadedModel
 from batchrun.kernels import AttentionBackend, BackendUnavailable, get_backend
 
-PREFERRED = {"cuda": "triton", "cpu": "cpu"}
+PREFERRED = {"cuda": "triton", "cpu": "cpu"}  # device type -> its fast backend
+DESCRIPTION = {"triton": "Triton kernels on CUDA", "cpu": "the in-place CPU kernel"}
 
 
 def choose_backend(
@@ -52,7 +53,7 @@ def choose_backend(
     else:
         reason = backend.capabilities.unsupported(**needs)
         if reason is None:
-            return backend, f"auto: {preferred} on {device} (supports the model)"
+            return backend, f"auto: {DESCRIPTION[preferred]} (supports the model)"
         why = f"{preferred} {reason}"
     return get_backend("torch", **options), f"auto: {why}, so the torch reference"
 
