@@ -31,12 +31,23 @@ from batchrun.kernels.torch_ref import write_kv
 CPU_CASCADE_MIN_SAVED_TOKENS = 1
 
 
-@dataclass(frozen=True)
+@dataclass
 class CpuStepState:
     slot_mapping: torch.Tensor  # (T,) int64
     whole: KeyItems  # every sequence over its whole context
     own: KeyItems | None  # every sequence after its group's prefix (None: no split group)
     prefixes: KeyItems | None  # every split group's rows against its prefix
+    partial: Partial | None = None  # the prefix part's buffers, allocated by the first layer
+
+    def prefix_buffers(self, query: torch.Tensor) -> Partial:
+        """(T, Hq, D) outputs and (T, Hq) LSEs for the prefix part, reused by every layer of
+        the step; rows outside the groups keep LSE -inf (no prefix part)."""
+        if self.partial is None or self.partial.out.shape != query.shape:
+            self.partial = Partial(
+                torch.empty(query.shape, dtype=torch.float32),
+                torch.full(query.shape[:2], float("-inf"), dtype=torch.float32),
+            )
+        return self.partial
 
 
 class CpuBackend(AttentionBackend):
@@ -81,10 +92,7 @@ class CpuBackend(AttentionBackend):
             return paged_attention(
                 query, k_cache, v_cache, whole, scale, out, softcap=softcap, sliding_window=sliding_window
             )
-        prefix = Partial(
-            torch.empty(query.shape, dtype=torch.float32),
-            torch.full(query.shape[:2], float("-inf"), dtype=torch.float32),
-        )
+        prefix = state.prefix_buffers(query)  # every group row is rewritten by this layer
         paged_attention(
             query, k_cache, v_cache, state.prefixes, scale, prefix.out, out_lse=prefix.lse, softcap=softcap
         )
