@@ -13,9 +13,10 @@ paths agree). Cases, on a shuffled paged cache (block size 16, 8 query / 2 KV he
   the reference's cascade kernel (a Python loop over groups) against the kernel's split
   (every group's prefix in one call, merged into each member's own part in a second).
 
-Each case reports milliseconds per call (best of ``--repeat``, the two paths interleaved),
-the KV bytes each sequence's keys and values amount to, and that volume per second against a
-``torch.clone`` of the same number of bytes (the machine's copy bandwidth).
+Each case reports milliseconds per call (best of ``--repeat``, the two paths interleaved);
+for the kernel, the sequences' keys and values read per second against a ``torch.clone`` of
+as many bytes (the machine's copy bandwidth: what memory-bound decodes compare with), and
+the attention FLOPs per second (what compute-bound prefill compares with).
 """
 
 from __future__ import annotations
@@ -70,7 +71,9 @@ def step(seqs: list[tuple[int, int]], groups: list[tuple[int, int]], dtype, gen)
     )
     q = torch.randn(cu[-1], HQ, D, generator=gen).to(dtype)
     kv_bytes = 2 * sum(n for n, _ in seqs) * HKV * D * q.element_size()
-    return meta, q, k, v, kv_bytes
+    # q.k and p.v, 2 FLOPs per multiply-add, over each query's causal keys
+    flops = sum(4 * HQ * D * q_len * (n - (q_len - 1) / 2) for n, q_len in seqs)
+    return meta, q, k, v, kv_bytes, flops
 
 
 CASES = {
@@ -102,13 +105,14 @@ def main() -> None:
     reference, kernel = TorchBackend(cascade_min_saved_tokens=1), CpuBackend()
     print(f"{args.dtype}, {args.threads} thread(s), block {BLOCK}, {HQ}/{HKV} heads, dim {D}")
     print(f"{'case':<14}{'torch ref ms':>13}{'kernel ms':>11}{'speed-up':>10}", end="")
-    print(f"{'kernel GB/s':>13}{'copy GB/s':>11}")
+    print(f"{'kernel KV GB/s':>16}{'copy GB/s':>11}{'kernel GFLOP/s':>16}")
     for name, (seqs, groups) in CASES.items():
-        case = step(seqs, groups, dtype, gen)
+        *case, flops = step(seqs, groups, dtype, gen)
         ref_ms, kernel_ms, kv_bytes, copy_ms = measure(reference, kernel, *case, args)
         print(
             f"{name:<14}{ref_ms:>13.2f}{kernel_ms:>11.2f}{ref_ms / kernel_ms:>9.1f}×"
-            f"{kv_bytes / kernel_ms / 1e6:>13.1f}{kv_bytes / copy_ms / 1e6:>11.1f}"
+            f"{kv_bytes / kernel_ms / 1e6:>16.1f}{kv_bytes / copy_ms / 1e6:>11.1f}"
+            f"{flops / kernel_ms / 1e6:>16.1f}"
         )
 
 
