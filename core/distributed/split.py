@@ -12,8 +12,9 @@ rows read is computed once *in that unit*. Invariants (tests/test_split.py check
   chunks of about a fair share. Every piece recomputes the prefix above it once — the only
   tokens scale-out computes that one process would not;
 * small pieces (rows that share nothing, small subtrees) are merged, in plan order, into units
-  of up to ``merge`` × a fair share, so workers pull a few units each instead of thousands of
-  tiny ones, and a fast worker can still take more.
+  of up to ``merge`` (half) of a fair share, so workers pull a few units each instead of
+  thousands of tiny ones, a fast worker can still take more, and a prefix above split pieces
+  is recomputed by few units.
 
 Cost is in tokens the engine computes: a unit's prompt tokens after sharing (each segment once)
 plus its rows' expected output tokens (``expected_tokens`` or ``max_tokens``, times ``n``).
@@ -29,7 +30,7 @@ import numpy as np
 
 from batchrun.core.planner.plan import Plan
 
-MERGE_FRACTION = 0.25  # small pieces merge into units of up to this share of a fair share
+MERGE_FRACTION = 0.5  # small pieces merge into units of up to this share of a fair share
 
 
 @dataclass(frozen=True, eq=False)
