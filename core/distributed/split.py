@@ -128,6 +128,8 @@ def split_plan(
     whole_piece = np.full(num_segments, -1, dtype=np.int64)  # a subtree placed whole
     split: list[int] = []
     pieces = 0
+    under: list[int] = []  # per piece: the split segment it came from (-1: a top-level piece)
+    prefix: list[int] = []  # per piece: tokens of the prefix above it, shared with its siblings
     stack = [int(s) for s in kids[kid_bounds[0] : kid_bounds[1]]]  # top-level segments with rows
     while stack:
         seg = stack.pop()
@@ -136,6 +138,8 @@ def split_plan(
         if tree.start[seg] + cost[seg] <= fair or (len(sub) == 0 and len(direct) <= 1):
             whole_piece[seg] = pieces
             pieces += 1
+            under.append(int(tree.parent[seg]))
+            prefix.append(int(tree.start[seg]))
             continue
         split.append(seg)
         stack.extend(int(s) for s in sub)
@@ -144,6 +148,8 @@ def split_plan(
             chunk = (np.cumsum(row_cost[direct]) - row_cost[direct]) // room
             piece_of_row[direct] = pieces + chunk.astype(np.int64)
             pieces += int(chunk[-1]) + 1
+            under += [seg] * (int(chunk[-1]) + 1)
+            prefix += [int(tree.end[seg])] * (int(chunk[-1]) + 1)
     # Rows below a whole-placed subtree inherit its piece (parents have lower ids: one pass
     # per depth, top down).
     seg_piece = whole_piece.copy()
@@ -155,50 +161,70 @@ def split_plan(
     alone = np.flatnonzero(planned & ~in_tree)  # rows sharing nothing: one piece each
     piece_of_row[alone] = pieces + np.arange(len(alone))
     pieces += len(alone)
+    under += [-1] * len(alone)
+    prefix += [0] * len(alone)
 
-    unit_of_row = merge_pieces(piece_of_row, pieces, order, row_cost, merge * fair)
+    piece_cost = segment_tokens(tree, piece_of_row, order, pieces).astype(np.float64)
+    np.add.at(piece_cost, piece_of_row[order], row_cost[order])
+    siblings = (np.array(under, dtype=np.int64), np.array(prefix, dtype=np.int64))
+    unit_of_row = merge_pieces(piece_of_row, piece_cost, siblings, order, merge * fair)
     return _units(plan, unit_of_row, order, own, out, position, workers, fair, split)
 
 
 def merge_pieces(
-    piece_of_row: np.ndarray, pieces: int, order: np.ndarray, row_cost: np.ndarray, target: float
+    piece_of_row: np.ndarray,
+    piece_cost: np.ndarray,
+    siblings: tuple[np.ndarray, np.ndarray],
+    order: np.ndarray,
+    target: float,
 ) -> np.ndarray:
-    """Consecutive pieces (by their first row in plan order) merged up to ``target`` cost;
-    a piece is never cut. Returns each row's unit (-1 for unplanned rows)."""
-    piece_cost = np.zeros(pieces, dtype=np.float64)
-    np.add.at(piece_cost, piece_of_row[order], row_cost[order])
+    """Consecutive pieces (by their first row in plan order) merged while the unit's cost
+    stays within ``target``; a piece is never cut. ``siblings`` gives each piece the split
+    segment above it and that prefix's tokens: a piece following a sibling adds its cost less
+    the prefix, which the unit computes once. Returns each row's unit (-1: unplanned)."""
+    under, prefix = siblings
+    pieces = len(piece_cost)
     first = np.full(pieces, len(order), dtype=np.int64)
     np.minimum.at(first, piece_of_row[order], np.arange(len(order)))
     unit_of_piece = np.empty(pieces, dtype=np.int64)
-    unit, filled = -1, target + 1  # the first piece opens a unit
+    unit, filled, last = -1, target + 1, -1  # the first piece opens a unit
     for piece in np.argsort(first, kind="stable").tolist():
-        if filled + piece_cost[piece] > target:
-            unit, filled = unit + 1, 0.0
+        sibling = last >= 0 and under[piece] >= 0 and under[piece] == under[last]
+        extra = piece_cost[piece] - (prefix[piece] if sibling else 0)
+        if filled + extra > target:
+            unit, filled, extra = unit + 1, 0.0, piece_cost[piece]
         unit_of_piece[piece] = unit
-        filled += piece_cost[piece]
+        filled += extra
+        last = piece
     unit_of_row = np.full(len(piece_of_row), -1, dtype=np.int64)
     unit_of_row[order] = unit_of_piece[piece_of_row[order]]
     return unit_of_row
 
 
+def segment_tokens(tree, group_of_row: np.ndarray, order: np.ndarray, groups: int) -> np.ndarray:
+    """int64 [groups]: tokens of the shared segments each group of rows reads, each once per
+    group (a row reads its deepest segment and every ancestor)."""
+    tokens = np.zeros(groups, dtype=np.int64)
+    shared = order[tree.row_segment[order] >= 0]
+    codes = np.unique(group_of_row[shared] * len(tree) + tree.row_segment[shared])
+    pairs = [codes]
+    while len(codes):  # (group, segment) pairs, one level up at a time
+        group, seg = np.divmod(codes, len(tree))
+        up = tree.parent[seg] >= 0
+        codes = np.unique(group[up] * len(tree) + tree.parent[seg[up]])
+        pairs.append(codes)
+    group, seg = np.divmod(np.unique(np.concatenate(pairs)), max(len(tree), 1))  # each pair once
+    np.add.at(tokens, group, tree.lengths[seg])
+    return tokens
+
+
 def _units(plan, unit_of_row, order, own, out, position, workers, fair, split) -> Split:
     """The units, each with its exact prompt tokens (its rows' segments counted once)."""
-    tree = plan.tree
     num_units = int(unit_of_row.max(initial=-1)) + 1
-    prompt = np.zeros(num_units, dtype=np.int64)
+    prompt = segment_tokens(plan.tree, unit_of_row, order, num_units)
     np.add.at(prompt, unit_of_row[order], own[order])
     output = np.zeros(num_units, dtype=np.int64)
     np.add.at(output, unit_of_row[order], out[order])
-    shared = order[tree.row_segment[order] >= 0]
-    codes = np.unique(unit_of_row[shared] * len(tree) + tree.row_segment[shared])
-    pairs = [codes]
-    while len(codes):  # (unit, segment) pairs up to the top: every segment a unit reads
-        unit, seg = np.divmod(codes, len(tree))
-        up = tree.parent[seg] >= 0
-        codes = np.unique(unit[up] * len(tree) + tree.parent[seg[up]])
-        pairs.append(codes)
-    unit, seg = np.divmod(np.unique(np.concatenate(pairs)), max(len(tree), 1))  # each once
-    np.add.at(prompt, unit, tree.lengths[seg])
     rows_by_unit = order[np.argsort(unit_of_row[order], kind="stable")]
     bounds = np.searchsorted(unit_of_row[rows_by_unit], np.arange(num_units + 1))
     units = [
