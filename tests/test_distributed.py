@@ -32,9 +32,10 @@ def write_job(path):
     """8 documents (~300 tokens each) x 4 questions behind a one-block instruction: 32 rows."""
     rows = []
     for topic in TOPICS:
-        document = f"Document about the {topic}. " + f"The {topic} opened long ago and still runs every day. " * 12
+        document = f"Document about the {topic}. " + f"The {topic} opened long ago and runs daily. " * 12
         for q, question in enumerate(QUESTIONS):
-            rows.append({"id": f"{topic}-{q}", "prompt": f"Answer briefly.\n{document}\nQuestion: {question}"})
+            prompt = f"Answer briefly.\n{document}\nQuestion: {question}"
+            rows.append({"id": f"{topic}-{q}", "prompt": prompt})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 

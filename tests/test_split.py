@@ -4,6 +4,9 @@ No Ray needed."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +14,8 @@ from hypothesis import strategies as st
 from batchrun.core.distributed.split import lpt_loads, split_plan
 from batchrun.core.planner.plan import build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
+
+from helpers import SAMPLE_JOBS, run_cli
 
 
 def plan_of(prompts, block_size=1, decode=4):
@@ -98,3 +103,16 @@ def test_documents_stay_whole_when_each_is_within_a_fair_share():
 def test_lpt_gives_each_cost_to_the_least_loaded_worker():
     assert lpt_loads([7, 5, 4, 3, 1], 2) == [10, 10]
     assert lpt_loads([5], 3) == [5, 0, 0]
+
+
+def test_plan_shows_how_workers_would_split_the_job(capsys, tmp_path):
+    src = tmp_path / "docs.jsonl"
+    shutil.copy(SAMPLE_JOBS / "docs_qa.jsonl", src)
+    code, out, _ = run_cli(capsys, "plan", src, "--workers", "2", "--json")
+    assert code == 0
+    plan = json.loads(out)
+    split = plan["workers"]
+    assert split["workers"] == 2 and split["units"] >= 2 and len(split["worker_costs"]) == 2
+    assert split["computed_tokens"] >= plan["computed_tokens"] and 0 < split["balance"] <= 1
+    code, out, _ = run_cli(capsys, "plan", src, "--workers", "2")
+    assert code == 0 and "split over 2 workers" in out and "balance" in out
