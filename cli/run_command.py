@@ -201,7 +201,7 @@ def run(
 
 def _run(o: SimpleNamespace) -> None:
     """``run`` with its options (command line over job file) as attributes of ``o``."""
-    from batchrun.core.job.run import run_job  # torch and transformers load here
+    from batchrun.core.api import run_config  # torch and transformers load here
 
     if not 0.0 <= o.max_error_rate <= 1.0:
         raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {o.max_error_rate}")
@@ -263,7 +263,7 @@ def _run(o: SimpleNamespace) -> None:
         )
     observer = ConsoleObserver(err, log_every=o.log_every, json_lines=o.log_json)
     try:
-        summary = run_job(config, observer)
+        summary = run_config(config, observer)
     except OutputLocked as exc:
         observer.close()
         raise fail(EXIT_LOCKED, str(exc)) from None
