@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from batchrun.core.distributed.cluster import NoWorkers
 from batchrun.core.distributed.config import DistributedConfig
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.engine import Engine, build_engine
@@ -35,6 +36,7 @@ __all__ = [
     "JobConfig",
     "JobObserver",
     "JobSummary",
+    "NoWorkers",
     "OutputLocked",
     "load_engine",
     "plan",
