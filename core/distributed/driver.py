@@ -114,8 +114,11 @@ class RaySource:
         in_flight: dict = {}  # stream -> (worker, unit, started)
         while queue or in_flight:
             while idle and queue:  # each idle worker pulls the next unit (longest first)
-                worker, unit = idle.pop(0), queue.popleft()
+                unit = queue.popleft()
                 unit.rows = [r for r in unit.rows if r not in done]
+                if not unit.rows:
+                    continue
+                worker = idle.pop(0)
                 stream = worker.actor.run.remote([req for r in unit.rows for req in by_row[r]])
                 worker.stats.assigned_cost += unit.cost
                 in_flight[stream] = (worker, unit, time.perf_counter())
