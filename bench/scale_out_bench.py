@@ -5,8 +5,9 @@
     python bench/scale_out_bench.py --model PATH          # a real checkpoint instead
 
 A benchmark, not a test: it prints one table and asserts nothing. ``0`` workers is the job in
-this process (torch on every core); ``N`` runs it on N Ray CPU workers (a local Ray started
-once, with every core; each worker gets cores / N torch threads). Every run is the same job
+this process (torch on every core, or ``--threads``); ``N`` runs it on N Ray CPU workers (a
+local Ray started once, with every core; each worker gets cores / N torch threads, or
+``--threads``). Every run is the same job
 through ``batchrun.core.api.run`` — read, plan, generate, journal, write — on the ~27M-parameter
 llama of ``engine_bench.py`` (random weights, EOS ignored, float32).
 
@@ -44,9 +45,13 @@ def main() -> None:
         "--workload", default="docs", choices=("system", "docs", "fewshot", "unique", "mixed")
     )
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per worker (and in one process) [cores / N]"
+    )
     args = parser.parse_args()
 
     import ray
+    import torch
 
     from batchrun.core import api
 
@@ -68,15 +73,21 @@ def main() -> None:
     base = None
     for workers in args.workers:
         started = time.perf_counter()
-        summary = api.run(
-            src,
-            model,
+        if not workers and args.threads:
+            torch.set_num_threads(args.threads)
+        distributed = (
+            api.DistributedConfig(workers=workers, cpus_per_worker=args.threads) if workers else None
+        )
+        config = api.JobConfig(
+            input=src,
+            model=model,
             output=folder / f"out-{workers}.jsonl",
             sampling={"ignore_eos": True},
             dtype="float32",
-            workers=workers or None,
             restart=True,
+            distributed=distributed,
         )
+        summary = api.run_config(config)
         wall = time.perf_counter() - started
         stats = summary.engine
         rate = summary.generated_output_tokens / stats.seconds
