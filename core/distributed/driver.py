@@ -123,6 +123,8 @@ class RaySource:
                 worker.stats.assigned_cost += unit.cost
                 in_flight[stream] = (worker, unit, time.perf_counter())
             if not in_flight:
+                if not queue:  # the last queued units had all come back already
+                    break
                 left = sum(len(unit.rows) for unit in queue)
                 raise NoWorkers(
                     f"every worker died; {left} row(s) not generated (the journal keeps the rest)"
