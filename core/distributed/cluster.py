@@ -157,7 +157,8 @@ def _wait_ready(ray, workers: list[WorkerHandle], timeout: float, observer) -> N
 
 
 def _cause(exc: BaseException) -> str:
-    """The first line of what went wrong inside an actor (Ray wraps it in a long message)."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"
+    """The last line of what went wrong inside an actor (Ray wraps it in a long message whose
+    last line, when ``__init__`` raised, is that exception: ``...InputError: <message>``)."""
+    lines = str(exc).strip().splitlines()
+    last = lines[-1].strip() if lines else ""
+    return last if getattr(exc, "actor_init_failed", False) else f"{type(exc).__name__}: {last}"
