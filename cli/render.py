@@ -217,6 +217,9 @@ def status_table(status: JobStatus) -> Table:
             f"{status.rows_journaled + resumed} rows finished and journaled"
             + (f" ({resumed} from an earlier run)" if resumed else ""),
         )
+    if status.state in ("running", "interrupted", "failed"):
+        for name, line in worker_lines(report.get("workers") or []):
+            table.add_row(name, line)
     if status.state in ("interrupted", "failed"):
         table.add_row("next", "run the same command again to resume (finished rows are not regenerated)")
     if status.state == "done":

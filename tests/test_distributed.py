@@ -20,7 +20,7 @@ from batchrun.core.job.journal import journal_path
 from batchrun.core.job.report import report_path
 from batchrun.core.job.run import run_job
 
-from helpers import TINY_LLAMA, spawn_batchrun, wait_for
+from helpers import TINY_LLAMA, run_cli, spawn_batchrun, wait_for
 
 ray = pytest.importorskip("ray")
 
@@ -128,7 +128,7 @@ def test_workers_that_cannot_start_fail_the_job_and_keep_the_journal(ray_address
 
 
 @pytest.mark.slow
-def test_a_driver_sigkilled_midway_resumes_in_one_process(ray_address, single, tmp_path):
+def test_a_driver_sigkilled_midway_resumes_in_one_process(ray_address, single, tmp_path, capsys):
     src, clean, _ = single
     out = tmp_path / "out.jsonl"
     driver = spawn_batchrun("run", src, "-o", out, "--workers", "2", "--ray-address", ray_address, *FLAGS)
@@ -137,6 +137,7 @@ def test_a_driver_sigkilled_midway_resumes_in_one_process(ray_address, single, t
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     assert not out.exists()
+    assert run_cli(capsys, "status", out)[0] == 5  # interrupted (with the workers' rows, if reported)
 
     summary = run_job(job(src, out))  # resumed without Ray: the journal is the same either way
     assert summary.resumed >= 4 and summary.engine.requests == 32 - summary.resumed

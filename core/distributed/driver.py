@@ -30,6 +30,7 @@ from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
 from batchrun.core.job.completion_source import OnStep
 from batchrun.core.job.config import JobConfig, JobObserver
 from batchrun.core.job.planning import expected_output_tokens
+from batchrun.core.job.report import RunReport
 from batchrun.core.job.rows import Row
 from batchrun.core.planner.plan import Plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
@@ -44,12 +45,21 @@ def row_decode_tokens(rows: list[Row]) -> np.ndarray:
     return expected_output_tokens(rows) * samples
 
 
+REPORT_EVERY_S = 10.0  # the report gets the workers' stats after each unit and at least this often
+
+
 class RaySource:
     def __init__(
-        self, config: JobConfig, rows: list[Row], prompts: PromptTokens, plan: Plan, observer: JobObserver
+        self,
+        config: JobConfig,
+        rows: list[Row],
+        prompts: PromptTokens,
+        plan: Plan,
+        observer: JobObserver,
+        report: RunReport | None = None,
     ) -> None:
         assert config.distributed is not None
-        self.config, self.plan, self.observer = config, plan, observer
+        self.config, self.plan, self.observer, self.report = config, plan, observer, report
         self.lengths, self.decode = prompts.lengths, row_decode_tokens(rows)
         self.cluster: Cluster | None = None
         self.split: Split | None = None
@@ -58,6 +68,7 @@ class RaySource:
         self._snapshots: dict[int, EngineStats] = {}
         self._started = time.perf_counter()
         self._requeued = 0
+        self._reported = time.monotonic()  # when the report last got the workers' stats
 
     def start(self, useful_tokens: int) -> EngineInfo:
         c = self.config
@@ -144,7 +155,7 @@ class RaySource:
                         queue.appendleft(unit)
                 else:
                     queue.appendleft(self._lost(worker, unit, exc))
-                self.observer.workers([w.stats for w in cluster.workers])
+                self._show_workers(report=True)
                 continue
             self._snapshots[id(worker)] = batch.stats
             worker.stats.prefill_tokens = batch.stats.prefill_tokens
@@ -155,9 +166,18 @@ class RaySource:
             yield from fresh
             if on_step is not None:
                 on_step(self.stats)
-            self.observer.workers([w.stats for w in cluster.workers])
+            self._show_workers(report=time.monotonic() - self._reported >= REPORT_EVERY_S)
         for worker in cluster.live:
             worker.stats.state = "done"
+
+    def _show_workers(self, report: bool) -> None:
+        """Workers' stats to the observer; with ``report``, also into the run report, which
+        ``batchrun status`` reads while the job runs."""
+        workers = self.cluster.workers
+        self.observer.workers([w.stats for w in workers])
+        if report and self.report is not None:
+            self.report.workers([w.stats.to_dict() for w in workers])
+            self._reported = time.monotonic()
 
     def _lost(self, worker: WorkerHandle, unit: Unit, exc: Exception) -> Unit:
         """A worker died with ``unit`` in flight: its unreturned rows, to queue again."""

@@ -131,7 +131,7 @@ def _run_locked(
         if len(plan.order) and config.distributed is not None:  # workers load it (at generate)
             from batchrun.core.distributed.driver import RaySource
 
-            source = RaySource(config, rows, prompts, plan, observer)
+            source = RaySource(config, rows, prompts, plan, observer, report)
         elif len(plan.order):  # a run resumed with every row journaled needs no model
             observer.phase("loading model")
             loaded = load_model(checkpoint, config.device, config.dtype)
