@@ -2,7 +2,8 @@
 the output equals one process's, the engines compute the prompt tokens the split predicted
 (close to the single-process plan's), a worker killed midway loses nothing and duplicates
 nothing, a driver SIGKILLed midway resumes, and workers that cannot start fail the job (exit 4
-in the CLI) with the journal kept. One Ray session is shared by the module (it costs seconds)."""
+in the CLI) with the journal kept, while one that cannot start is reported and the job goes on
+with the others. One Ray session is shared by the module (it costs seconds)."""
 
 from __future__ import annotations
 
@@ -125,6 +126,16 @@ def test_workers_that_cannot_start_fail_the_job_and_keep_the_journal(ray_address
         run_job(job(src, out, workers=2, start_timeout_s=0.001))  # none loads a model in 1 ms
     assert json.loads(report_path(out).read_text())["state"] == "failed"
     assert not out.exists()
+
+
+def test_a_worker_that_cannot_start_is_reported_and_the_job_goes_on(ray_address, single, tmp_path):
+    src, clean, _ = single
+    out = tmp_path / "out.jsonl"
+    summary = run_job(job(src, out, workers=3))  # three 1-CPU workers, 2 CPUs: one never gets its CPU
+    workers = summary.engine.workers
+    assert sorted(w.state for w in workers) == ["done", "done", "not started"]
+    assert "still loading" in next(w.error for w in workers if w.state == "not started")
+    assert rows_of(out) == rows_of(clean)
 
 
 @pytest.mark.slow

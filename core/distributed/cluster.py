@@ -9,8 +9,9 @@ share of the cluster's CPUs and runs that many torch threads.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchrun.core.distributed.config import DistributedConfig
@@ -42,13 +43,62 @@ class WorkerHandle:
 
 @dataclass
 class Cluster:
-    workers: list[WorkerHandle]  # every worker asked for; ``live`` are those that started
+    """The job's workers. A worker is *starting* until its model has loaded (its ``info`` ref
+    is in ``starting``), then ready until it dies or the job ends. Workers join as they load:
+    the job runs once one is ready, and one still loading at ``deadline`` is given up."""
+
+    workers: list[WorkerHandle]  # every worker asked for
     device: str  # "cuda" or "cpu"
     owns_ray: bool  # this job started Ray (and shuts it down)
+    observer: Any
+    starting: dict = field(default_factory=dict)  # info ref -> worker still loading its model
+    deadline: float = 0.0  # time.monotonic() by which a starting worker must be ready
+    asked: float = 0.0  # time.monotonic() when the workers were asked for
 
     @property
     def live(self) -> list[WorkerHandle]:
-        return [w for w in self.workers if w.stats.state not in ("died", "not started")]
+        return [w for w in self.workers if w.stats.state in ("ready", "done")]
+
+    def started(self, ref) -> WorkerHandle | None:
+        """A starting worker's ``info`` came back: the worker if it loaded, else None (reported)."""
+        worker = self.starting.pop(ref)
+        stats = worker.stats
+        try:
+            worker.info = info = import_ray().get(ref)
+        except Exception as exc:  # noqa: BLE001 (the actor's own error, reported)
+            stats.state, stats.error = "not started", _cause(exc)
+            self.observer.phase(f"worker {stats.name} could not start: {stats.error}")
+            return None
+        stats.state, stats.node, stats.pid, stats.load_s = "ready", info.node, info.pid, info.load_s
+        stats.device = info.engine.device
+        self.observer.phase(
+            f"worker {stats.name} ready on {stats.node} ({stats.device}, {stats.load_s:.1f}s)"
+        )
+        return worker
+
+    def give_up(self, why: str) -> None:
+        """Stop waiting for the workers still starting (killed, reported as not started)."""
+        for worker in self.starting.values():
+            worker.stats.state, worker.stats.error = "not started", why
+            import_ray().kill(worker.actor)
+            self.observer.phase(f"worker {worker.stats.name} could not start: {why}")
+        self.starting.clear()
+
+    def wait_for_one(self) -> None:
+        """Wait until a worker is ready, or none is left starting (``NoWorkers`` then)."""
+        ray = import_ray()
+        while not self.live and self.starting:
+            left = self.deadline - time.monotonic()
+            ready, _ = ray.wait(list(self.starting), num_returns=1, timeout=max(left, 0))
+            if not ready:
+                self.give_up(f"not ready after {self.deadline - self.asked:.0f}s (no free device?)")
+            for ref in ray.wait(list(self.starting), num_returns=len(self.starting), timeout=0)[0]:
+                self.started(ref)
+        self.observer.workers([w.stats for w in self.workers])
+        if not self.live:
+            self.close()
+            reasons = "; ".join(f"{w.stats.name}: {w.stats.error}" for w in self.workers)
+            raise NoWorkers(f"no worker could start ({reasons})")
 
     def close(self) -> None:
         ray = import_ray()
@@ -102,7 +152,8 @@ def start_workers(
     useful_tokens: int,
     observer,
 ) -> Cluster:
-    """Start the workers and wait for each to load; ``NoWorkers`` if none could."""
+    """Ask for the workers and wait until one has loaded (the others join as they load);
+    ``NoWorkers`` if none could."""
     owns_ray = connect(config)
     try:
         count, device, threads = plan_workers(config, device)
@@ -119,41 +170,15 @@ def start_workers(
         observer.phase(
             f"starting {count} Ray worker(s) ({device}" + (f", {threads} threads each)" if threads else ")")
         )
-        _wait_ready(ray, workers, config.start_timeout_s, observer)
+        now = time.monotonic()
+        starting = {w.actor.info.remote(): w for w in workers}
+        cluster = Cluster(workers, device, owns_ray, observer, starting, now + config.start_timeout_s, now)
     except BaseException:
         if owns_ray:
             import_ray().shutdown()
         raise
-    cluster = Cluster(workers, device, owns_ray)
-    if not cluster.live:
-        cluster.close()
-        reasons = "; ".join(f"{w.stats.name}: {w.stats.error}" for w in workers)
-        raise NoWorkers(f"no worker could start ({reasons})")
+    cluster.wait_for_one()
     return cluster
-
-
-def _wait_ready(ray, workers: list[WorkerHandle], timeout: float, observer) -> None:
-    """Wait for every worker's model load; mark the ones that fail or time out."""
-    pending = {w.actor.info.remote(): w for w in workers}
-    ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
-    for ref, worker in pending.items():
-        stats = worker.stats
-        if ref not in ready:
-            stats.state, stats.error = "not started", f"not ready after {timeout:.0f}s (no free device?)"
-            ray.kill(worker.actor)
-        else:
-            try:
-                worker.info = info = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 (the actor's own error, reported)
-                stats.state, stats.error = "not started", _cause(exc)
-            else:
-                stats.state, stats.node, stats.pid, stats.load_s = "ready", info.node, info.pid, info.load_s
-                stats.device = info.engine.device
-        if stats.state == "ready":
-            observer.phase(f"worker {stats.name} ready on {stats.node} ({stats.device}, {stats.load_s:.1f}s)")
-        else:
-            observer.phase(f"worker {stats.name} could not start: {stats.error}")
-    observer.workers([w.stats for w in workers])
 
 
 def _cause(exc: BaseException) -> str:

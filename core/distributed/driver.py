@@ -64,7 +64,6 @@ class RaySource:
         self.cluster: Cluster | None = None
         self.split: Split | None = None
         self.dtype_choice = ""
-        self.device = "ray"
         self._snapshots: dict[int, EngineStats] = {}
         self._started = time.perf_counter()
         self._requeued = 0
@@ -78,10 +77,9 @@ class RaySource:
         live = self.cluster.live
         infos = [w.info.engine for w in live]
         self.dtype_choice = live[0].info.dtype_choice
-        self.device = f"ray: {len(live)} x {self.cluster.device}"
         smallest = min(infos, key=lambda info: info.num_blocks)
         return EngineInfo(
-            device=f"{len(live)} Ray workers ({', '.join(sorted({i.device for i in infos}))})",
+            device=f"{len(self.cluster.workers)} Ray workers ({self.cluster.device})",
             dtype=smallest.dtype,
             attention_backend=smallest.attention_backend,
             attention_backend_choice=smallest.attention_backend_choice,
@@ -90,6 +88,13 @@ class RaySource:
             kv_cache_bytes=sum(i.kv_cache_bytes for i in infos),
             token_budget=smallest.token_budget,
         )
+
+    @property
+    def device(self) -> str:
+        """For the report: how many workers ran, on what."""
+        if self.cluster is None:
+            return "ray"
+        return f"ray: {len(self.cluster.live)} x {self.cluster.device}"
 
     @property
     def stats(self) -> ClusterStats:
@@ -118,7 +123,8 @@ class RaySource:
         by_row: dict[int, list[Request]] = collections.defaultdict(list)
         for request in requests:
             by_row[request.row].append(request)
-        self.split = split_plan(self.plan, self.lengths, self.decode, len(cluster.live))
+        workers = len(cluster.live) + len(cluster.starting)  # those still loading join later
+        self.split = split_plan(self.plan, self.lengths, self.decode, workers)
         queue = collections.deque(Unit(u.rows.tolist(), u.cost) for u in self.split.units)
         done: set[int] = set()  # rows yielded
         idle: list[WorkerHandle] = list(cluster.live)
@@ -136,11 +142,22 @@ class RaySource:
             if not in_flight:
                 if not queue:  # the last queued units had all come back already
                     break
-                left = sum(len(unit.rows) for unit in queue)
-                raise NoWorkers(
-                    f"every worker died; {left} row(s) not generated (the journal keeps the rest)"
-                )
-            (stream,), _ = ray.wait(list(in_flight), num_returns=1)
+                if not cluster.starting:
+                    left = sum(len(unit.rows) for unit in queue)
+                    raise NoWorkers(
+                        f"every worker died; {left} row(s) not generated (the journal keeps the rest)"
+                    )
+            timeout = max(cluster.deadline - time.monotonic(), 0) if cluster.starting else None
+            ready, _ = ray.wait([*in_flight, *cluster.starting], num_returns=1, timeout=timeout)
+            if not ready:  # only workers still loading, past the deadline
+                cluster.give_up(f"not ready after {cluster.deadline - cluster.asked:.0f}s (no free device?)")
+                continue
+            if ready[0] in cluster.starting:  # a worker finished loading: it joins
+                if (joined := cluster.started(ready[0])) is not None:
+                    idle.append(joined)
+                self._show_workers(report=True)
+                continue
+            stream = ready[0]
             worker, unit, started = in_flight[stream]
             try:
                 batch = ray.get(next(stream))
@@ -167,6 +184,7 @@ class RaySource:
             if on_step is not None:
                 on_step(self.stats)
             self._show_workers(report=time.monotonic() - self._reported >= REPORT_EVERY_S)
+        cluster.give_up("still loading when the job finished")
         for worker in cluster.live:
             worker.stats.state = "done"
 
