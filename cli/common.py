@@ -13,6 +13,7 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from enum import Enum
 from pathlib import Path
@@ -104,6 +105,7 @@ def quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+    logging.getLogger("ray").setLevel(logging.ERROR)  # scale-out: Ray's start-up notices
 
 
 def fail(code: int, message: str) -> typer.Exit:

@@ -141,6 +141,9 @@ def plan_command(
     output_prefix: OutputPrefix = "",
     chat_template: ChatTemplate = None,
     chat_template_kwargs: ChatTemplateKwargs = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Show how N workers would split the job and the expected balance.")
+    ] = None,
 ) -> None:
     """Plan a job without running it: prefix sharing, order, and what it saves against an LRU cache."""
     o = with_job_file(ctx, plan_command, {name: value for name, value in locals().items() if name != "ctx"})
@@ -148,8 +151,8 @@ def plan_command(
     from batchrun.core.job.plan_command import plan_job
     from batchrun.core.job.plan_file import save_plan
 
-    if o.block_size < 1 or o.top < 0:
-        raise fail(EXIT_USAGE, "--block-size must be >= 1 and --top >= 0")
+    if o.block_size < 1 or o.top < 0 or (o.workers is not None and o.workers < 1):
+        raise fail(EXIT_USAGE, "--block-size and --workers must be >= 1 and --top >= 0")
     try:
         budget = parse_memory(o.kv_memory) if o.kv_memory else None
     except ValueError as exc:
@@ -169,6 +172,7 @@ def plan_command(
             chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
             limit=o.limit,
             observer=TokenizeProgress(err),
+            workers=o.workers,
         )
     except InputError as exc:
         raise fail(EXIT_INPUT, str(exc)) from None

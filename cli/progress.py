@@ -48,6 +48,7 @@ class ConsoleObserver(JobObserver):
         self.stopped_at: tuple[int, Path | None] | None = None  # (journaled rows, journal)
         self.tokenize_bar: Progress | None = None
         self.tokenize_start: tuple[float, int] | None = None  # (clock, rows done) at the first chunk
+        self.worker_stats: list = []  # scaled out: each worker's WorkerStats
 
     def phase(self, name: str) -> None:
         if self.interactive:
@@ -141,6 +142,9 @@ class ConsoleObserver(JobObserver):
             self.finished_output_tokens += result.output_tokens
         self._refresh(final=self.done == self.total)
 
+    def workers(self, workers: list) -> None:
+        self.worker_stats = workers
+
     def stopped(self, journaled_rows: int, journal: Path | None) -> None:
         self.stopped_at = (journaled_rows, journal)
 
@@ -200,13 +204,22 @@ class ConsoleObserver(JobObserver):
             return
         self.last_log = now
         resumed = f", {self.resumed} resumed" if self.resumed else ""
+        workers = [
+            {"name": w.name, "state": w.state, "rows": w.rows, "tokens_per_s": w.tokens_per_s}
+            for w in self.worker_stats
+        ]
+        per_worker = "; workers " + ", ".join(
+            f"{w['name'].rsplit('-', 1)[-1]} {w['rows']} rows {w['tokens_per_s']:.0f} tok/s"
+            + ("" if w["state"] in ("ready", "done") else f" ({w['state']})")
+            for w in workers
+        )
         self._emit(
-            {"event": "progress", **facts},
+            {"event": "progress", **facts} | ({"workers": workers} if workers else {}),
             f"rows {self.done}/{self.total} ({self.failed} failed{resumed}), "
             f"{facts['output_tokens_per_s']:.1f} output tok/s "
             f"({facts['tokens_per_s']:.1f} tok/s with prompts), "
             f"ETA {eta_text}, saving {facts['saving']:.1%}, "
-            f"KV {facts['kv_blocks_used']}/{facts['kv_blocks']} blocks",
+            f"KV {facts['kv_blocks_used']}/{facts['kv_blocks']} blocks" + (per_worker if workers else ""),
         )
 
     def close(self) -> None:

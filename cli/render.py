@@ -54,6 +54,8 @@ def summary_table(summary: JobSummary) -> Table:
             f"peak KV {stats.peak_blocks}/{stats.num_blocks} blocks, {stats.preemptions} preemptions; "
             f"prefill {stats.prefill_tokens_per_s:,.0f} tok/s, decode {stats.decode_tokens_per_s:,.0f} tok/s",
         )
+        for name, line in worker_lines((stats.to_dict()).get("workers") or []):
+            table.add_row(name, line)
     table.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()))
     for error in summary.errors:
         table.add_row("[red]error", escape(error))
@@ -62,6 +64,26 @@ def summary_table(summary: JobSummary) -> Table:
     if summary.errors_file is not None:
         table.add_row("errors file", escape(f"{summary.errors_file} (every failed row)"))
     return table
+
+
+def worker_lines(workers: list[dict]) -> list[tuple[str, str]]:
+    """One line per scale-out worker (from ``WorkerStats.to_dict``): rows, tokens/s, assigned cost."""
+    lines = []
+    for w in workers:
+        where = f"{w['device']} on {w['node'] or '?'}"
+        if w["state"] == "not started":
+            lines.append((f"[red]worker {w['name']}", escape(f"could not start: {w['error']}")))
+            continue
+        died = f"; [red]died[/]: {escape(str(w['error']))}" if w["state"] == "died" else ""
+        lines.append(
+            (
+                f"worker {w['name']}",
+                f"{where}: {w['rows']} rows in {w['units']} units, "
+                f"{w['prefill_tokens'] + w['decode_tokens']:,} tokens ({w['tokens_per_s']:,.0f} tok/s busy), "
+                f"assigned cost {w['assigned_cost']:,}, load {w['load_s']:.1f}s{died}",
+            )
+        )
+    return lines
 
 
 def validation_table(report: ValidationReport) -> Table:
@@ -143,7 +165,31 @@ def plan_tables(report: PlanReport) -> list[Table | Tree]:
     groups.add_column("rows", justify="right")
     for group in report.top_groups:
         groups.add_row(f"#{group.segment}", str(group.prefix_tokens), str(group.rows))
-    return [summary, costs, tree, groups]
+    if report.split is None:
+        return [summary, costs, tree, groups]
+    return [summary, costs, tree, groups, split_table(report)]
+
+
+def split_table(report: PlanReport) -> Table:
+    """How --workers N would cut the job and how even the workers' loads would be."""
+    split, s = report.split, report.summary
+    table = Table(title=f"split over {split.workers} workers", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    extra = split.computed_tokens - s.computed_tokens
+    table.add_row(
+        "work units",
+        f"{split.units} (queued largest first; {split.split_groups} prefix group(s) over a fair share split)",
+    )
+    table.add_row(
+        "prompt tokens computed",
+        f"{split.computed_tokens:,} (+{extra:,}, {extra / max(s.computed_tokens, 1):.1%} over one process)",
+    )
+    loads = ", ".join(f"{c:,}" for c in split.worker_costs)
+    table.add_row("tokens per worker", f"{loads} (estimated, equal workers)")
+    table.add_row("balance", f"{split.balance:.1%} (mean / largest worker)")
+    table.add_row("largest units", ", ".join(f"{c:,}" for c in split.largest_units))
+    return table
 
 
 def _bytes(n: int) -> str:
@@ -171,6 +217,9 @@ def status_table(status: JobStatus) -> Table:
             f"{status.rows_journaled + resumed} rows finished and journaled"
             + (f" ({resumed} from an earlier run)" if resumed else ""),
         )
+    if status.state in ("running", "interrupted", "failed"):
+        for name, line in worker_lines(report.get("workers") or []):
+            table.add_row(name, line)
     if status.state in ("interrupted", "failed"):
         table.add_row("next", "run the same command again to resume (finished rows are not regenerated)")
     if status.state == "done":
@@ -178,6 +227,8 @@ def status_table(status: JobStatus) -> Table:
         engine = report.get("engine") or {}
         if engine:
             table.add_row("saving", f"{engine.get('saving', 0):.1%} of prompt tokens not computed")
+        for name, line in worker_lines(engine.get("workers") or []):
+            table.add_row(name, line)
     for key in ("started", "finished", "error", "model_identity", "device"):
         if report.get(key):
             table.add_row(key, str(report[key]))

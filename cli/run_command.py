@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Annotated
@@ -38,6 +39,7 @@ from batchrun.cli.common import (
 from batchrun.cli.job_file import with_job_file
 from batchrun.cli.progress import ConsoleObserver
 from batchrun.cli.render import summary_table
+from batchrun.core.distributed.config import DistributedConfig
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.errors import InputError
 from batchrun.core.job.config import BUNDLED_MODEL, SAMPLE_JOBS, JobConfig
@@ -180,6 +182,17 @@ def run(
     log_json: Annotated[
         bool, typer.Option("--log-json", help="Progress as JSON lines on stderr instead of text.")
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Scale out over N Ray workers, one engine per device (CPU workers without GPUs) "
+            "[default: one per GPU when this machine has several, else 1: no Ray].",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Run the workers on this Ray cluster (e.g. auto, head:6379, ray://head:10001)."),
+    ] = None,
 ) -> None:
     # Must stay the first statement: it collects exactly the parameters.
     options = {name: value for name, value in locals().items() if name != "ctx"}
@@ -188,7 +201,7 @@ def run(
 
 def _run(o: SimpleNamespace) -> None:
     """``run`` with its options (command line over job file) as attributes of ``o``."""
-    from batchrun.core.job.run import run_job  # torch and transformers load here
+    from batchrun.core.api import run_config  # torch and transformers load here
 
     if not 0.0 <= o.max_error_rate <= 1.0:
         raise fail(EXIT_USAGE, f"--max-error-rate must be in [0, 1], got {o.max_error_rate}")
@@ -238,6 +251,7 @@ def _run(o: SimpleNamespace) -> None:
         chat_template=read_chat_template(o.chat_template),
         chat_template_kwargs=parse_template_kwargs(o.chat_template_kwargs),
         limit=o.limit,
+        distributed=scale_out(o.workers, o.ray_address),
     )
     quiet_libraries()
     if o.model.resolve() == BUNDLED_MODEL and not o.input.resolve().is_relative_to(SAMPLE_JOBS):
@@ -249,7 +263,7 @@ def _run(o: SimpleNamespace) -> None:
         )
     observer = ConsoleObserver(err, log_every=o.log_every, json_lines=o.log_json)
     try:
-        summary = run_job(config, observer)
+        summary = run_config(config, observer)
     except OutputLocked as exc:
         observer.close()
         raise fail(EXIT_LOCKED, str(exc)) from None
@@ -270,6 +284,29 @@ def _run(o: SimpleNamespace) -> None:
     (err if summary.output == STDIO else out).print(summary_table(summary))
     if summary.failed and summary.failed > o.max_error_rate * summary.rows:
         raise typer.Exit(EXIT_ROWS_FAILED)
+
+
+def scale_out(workers: int | None, address: str | None) -> DistributedConfig | None:
+    """The job's Ray workers, or None to run in this process: ``--workers 1`` without an
+    address, and a machine with at most one GPU and no ``--workers``, need no Ray."""
+    if workers is None and address is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if gpus < 2:
+            return None
+        if importlib.util.find_spec("ray") is None:
+            err.print(f"batchrun: {gpus} GPUs seen; pip install 'batchrun[ray]' to use them all (--workers)")
+            return None
+        workers = gpus
+    elif workers == 1 and address is None:
+        return None
+    if importlib.util.find_spec("ray") is None:
+        raise fail(EXIT_USAGE, "--workers / --ray-address need Ray: pip install 'batchrun[ray]'")
+    try:
+        return DistributedConfig(workers=workers, address=address)
+    except ValueError as exc:
+        raise fail(EXIT_USAGE, str(exc)) from None
 
 
 def resume_hint(observer: ConsoleObserver) -> str:

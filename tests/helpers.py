@@ -143,3 +143,19 @@ def run_cli(capsys, *args):
         main.out.width = width
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def spawn_batchrun(*args):
+    """Start ``batchrun`` in a child process (to kill it midway); its output is piped."""
+    command = [sys.executable, "-m", "batchrun.cli.main", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(condition, timeout=120.0):
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from batchrun.core.distributed.config import DistributedConfig
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.stats import EngineInfo, EngineStats
 from batchrun.core.job.rows import Columns, RowResult
@@ -38,6 +39,7 @@ class JobConfig:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"enable_thinking": False}
     order: str = ORDER_PLAN  # or ORDER_INPUT: file order (for comparison)
     limit: int | None = None  # run only the first N rows (a smoke test); the output has N rows
+    distributed: DistributedConfig | None = None  # scale out over Ray workers (core/distributed)
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class JobObserver:
         are kept in ``journal`` for the next run of the same command."""
 
     def engine_started(self, info: EngineInfo) -> None: ...
+
+    def workers(self, workers: list) -> None:
+        """Scaled out: each worker's ``WorkerStats`` (core/distributed/stats.py), after a
+        worker starts, returns finished rows, finishes a unit or dies."""
 
 
 @dataclass

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from batchrun.core.checkpoint import Checkpoint
-from batchrun.core.engine.engine import build_engine
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
+from batchrun.core.job.completion_source import CompletionSource, LocalEngine
 from batchrun.core.job.config import (
     BUNDLED_MODEL,
     MAX_LISTED_PROBLEMS,
@@ -41,10 +41,13 @@ def generate(
     keys: dict[str, str] | None = None,
     resumed: dict[str, Journaled] | None = None,
     report: RunReport | None = None,
+    source: CompletionSource | None = None,
 ) -> tuple[StoredResults, EngineStats | None]:
     """Run every planned row through the engine; invalid rows get their error record and
     journaled rows their journaled result. Each finished row is journaled at once and read
-    back from the journal when the output is written, so results are not all held here."""
+    back from the journal when the output is written, so results are not all held here.
+    ``source`` computes the completions (default: an engine on ``loaded``, in this process;
+    core/distributed gives one whose workers run elsewhere)."""
     journal = journal or Journal(None)
     results = StoredResults(len(rows), journal.path)
     for row in rows:
@@ -58,23 +61,25 @@ def generate(
     requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
     if requests:
-        assert loaded is not None, "rows to generate but no model loaded"
-        engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
-        capacity = engine.info.num_blocks * engine.info.block_size
+        if source is None:
+            assert loaded is not None, "rows to generate but no model loaded"
+            source = LocalEngine(loaded, config.engine)
+        engine_info = source.start(most_kv_tokens(requests, plan.block_size))
+        capacity = engine_info.num_blocks * engine_info.block_size
         if fitted := fit_to_kv(rows, prompts, capacity):
             observer.phase(
                 f"{fitted} row(s) without their own max_tokens are capped at what the KV cache "
                 f"holds ({capacity} tokens with the prompt) instead of the model's context"
             )
             requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
-        observer.engine_started(engine.info)
-        info = run_info(config, checkpoint, engine.info, loaded.dtype_choice)
+        observer.engine_started(engine_info)
+        info = run_info(config, checkpoint, engine_info, source.dtype_choice)
         observer.run_info(info)
         if report is not None:
             report.run_info(info)
         pending: dict[int, list[Completion]] = {}
         on_step = lambda stats: observer.step(step_stats(stats))  # noqa: E731
-        for completion in engine.generate(requests, on_step=on_step):
+        for completion in source.generate(requests, on_step=on_step):
             index = completion.row
             samples = pending.setdefault(index, [])
             samples.append(completion)
@@ -87,7 +92,7 @@ def generate(
             else:
                 results.keep(index, result)
             observer.row_finished(result)
-        stats = engine.stats
+        stats = source.stats
     journal.sync()
     missing = [i for i in range(len(rows)) if not results.has(i)]
     if missing:

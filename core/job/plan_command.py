@@ -57,6 +57,24 @@ class GroupView:
     rows: int
 
 
+@dataclass(frozen=True)
+class SplitView:
+    """How ``--workers N`` would cut the job (core/distributed/split.py)."""
+
+    workers: int
+    units: int
+    split_groups: int  # shared segments whose rows go to more than one unit
+    computed_tokens: int  # prompt tokens computed over all units (>= the plan's)
+    worker_costs: list[int]  # each worker's estimated tokens, pulling units longest first
+    largest_units: list[int]  # the costs of the largest units
+
+    @property
+    def balance(self) -> float:
+        """Mean over largest worker load: 1.0 is perfect, 0.5 means one worker does twice the mean."""
+        top = max(self.worker_costs, default=0)
+        return sum(self.worker_costs) / len(self.worker_costs) / top if top else 1.0
+
+
 @dataclass
 class PlanReport:
     input: Path
@@ -72,6 +90,7 @@ class PlanReport:
     top_segments: list[SegmentView]
     top_groups: list[GroupView]
     seconds: dict[str, float] = field(default_factory=dict)
+    split: SplitView | None = None  # with --workers
 
     @property
     def all_resident_kv_bytes(self) -> int:
@@ -107,6 +126,7 @@ class PlanReport:
             "segments": [asdict(seg) | {"tokens": seg.tokens} for seg in self.top_segments],
             "groups_top": [asdict(group) for group in self.top_groups],
             "seconds": self.seconds,
+            "workers": asdict(self.split) | {"balance": self.split.balance} if self.split else None,
         }
 
 
@@ -124,6 +144,7 @@ def plan_job(
     chat_template_kwargs: dict[str, Any] | None = None,
     limit: int | None = None,
     observer: JobObserver | None = None,
+    workers: int | None = None,
 ) -> tuple[PlanReport, Plan]:
     """Read, tokenize and plan ``input`` for ``model``; ``InputError`` if either is unusable."""
     timer = PhaseTimer()
@@ -174,8 +195,24 @@ def plan_job(
         top_segments=top_segments(plan, prompts, tokenizer, top),
         top_groups=top_groups(plan, top),
         seconds=seconds,
+        split=split_view(plan, prompts, rows, workers) if workers else None,
     )
     return report, plan
+
+
+def split_view(plan: Plan, prompts, rows, workers: int, top: int = 5) -> SplitView:
+    from batchrun.core.distributed.driver import row_decode_tokens
+    from batchrun.core.distributed.split import split_plan
+
+    split = split_plan(plan, prompts.lengths, row_decode_tokens(rows), workers)
+    return SplitView(
+        workers=workers,
+        units=len(split.units),
+        split_groups=len(split.split_segments),
+        computed_tokens=split.computed_tokens,
+        worker_costs=split.balance(),
+        largest_units=[u.cost for u in split.units[:top]],
+    )
 
 
 def kv_budget(model: Path, device: torch.device, kv_memory: int | float | None) -> int:

@@ -72,6 +72,12 @@ class RunReport:
         self.data["run"] = asdict(info)
         self._write()
 
+    def workers(self, workers: list[dict]) -> None:
+        """Scaled out: each worker's rows, tokens/s and assigned cost so far (``batchrun status``
+        shows them while the job runs)."""
+        self.data["workers"] = workers
+        self._write()
+
     def failed(
         self, error: str, seconds: dict[str, float], journaled: int = 0, state: str = "failed"
     ) -> None:

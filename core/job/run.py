@@ -127,8 +127,12 @@ def _run_locked(
     report.started(rows=len(rows), resumed=len(resumed), plan=plan.summary, identity=identity)
 
     try:
-        loaded = None
-        if len(plan.order):  # a run resumed with every row journaled needs no model
+        loaded = source = None
+        if len(plan.order) and config.distributed is not None:  # workers load it (at generate)
+            from batchrun.core.distributed.driver import RaySource
+
+            source = RaySource(config, rows, prompts, plan, observer, report)
+        elif len(plan.order):  # a run resumed with every row journaled needs no model
             observer.phase("loading model")
             loaded = load_model(checkpoint, config.device, config.dtype)
             report.device = str(loaded.device)
@@ -137,8 +141,10 @@ def _run_locked(
         observer.phase("generating")
         observer.started(len(rows), plan.summary.computed_tokens, plan.summary.expected_output_tokens)
         results, stats = generate(
-            config, checkpoint, loaded, rows, prompts, plan, observer, journal, keys, resumed, report
+            config, checkpoint, loaded, rows, prompts, plan, observer, journal, keys, resumed, report, source
         )
+        if source is not None:
+            report.device = source.device
         lap("generate")
 
         observer.phase("writing")
