@@ -21,7 +21,7 @@ from batchrun.core.job.prepare import (
     job_defaults,
 )
 from batchrun.core.job.report import RunReport
-from batchrun.core.job.requests import make_requests, most_kv_tokens
+from batchrun.core.job.requests import RowSamples, make_requests, most_kv_tokens, segment_users
 from batchrun.core.job.results import StoredResults, row_result
 from batchrun.core.job.rows import Row, RowResult
 from batchrun.core.planner.plan import Plan
@@ -55,18 +55,22 @@ def generate(
             results.journaled(row.index, *resumed[row.id])
     if resumed:
         observer.rows_resumed(len(resumed))
-    requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
-    if requests:
+    if len(plan.order):
         assert loaded is not None, "rows to generate but no model loaded"
-        engine = build_engine(loaded, config.engine, useful_tokens=most_kv_tokens(requests, plan.block_size))
+        # Requests are made lazily, as the engine admits them; its sizing and each shared
+        # segment's number of users come from arrays over the plan's order.
+        planned = RowSamples(rows, prompts, plan)
+        useful = most_kv_tokens(plan, planned, config.prefix_sharing)
+        engine = build_engine(loaded, config.engine, useful_tokens=useful)
         capacity = engine.info.num_blocks * engine.info.block_size
         if fitted := fit_to_kv(rows, prompts, capacity):
             observer.phase(
                 f"{fitted} row(s) without their own max_tokens are capped at what the KV cache "
                 f"holds ({capacity} tokens with the prompt) instead of the model's context"
             )
-            requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
+        requests = make_requests(rows, prompts, plan, config.seed, config.prefix_sharing)
+        users = segment_users(plan, planned)
         observer.engine_started(engine.info)
         info = run_info(config, checkpoint, engine.info, loaded.dtype_choice)
         observer.run_info(info)
@@ -74,7 +78,7 @@ def generate(
             report.run_info(info)
         pending: dict[int, list[Completion]] = {}
         on_step = lambda stats: observer.step(step_stats(stats))  # noqa: E731
-        for completion in engine.generate(requests, on_step=on_step):
+        for completion in engine.generate(requests, on_step=on_step, segment_users=users):
             index = completion.row
             samples = pending.setdefault(index, [])
             samples.append(completion)
@@ -101,10 +105,11 @@ def fit_to_kv(rows: list[Row], prompts: PromptTokens, capacity: int) -> int:
     early fits; vLLM would refuse to start). Their journal keys keep the uncapped value.
     Returns how many rows were capped."""
     capped = 0
+    lengths = prompts.lengths
     for row in rows:
         if row.error or not row.up_to_context:
             continue
-        room = capacity - len(prompts[row.index])
+        room = capacity - int(lengths[row.index])
         if 1 <= room < row.params.max_tokens and row.params.min_tokens <= room:
             row.params = dataclasses.replace(row.params, max_tokens=room)
             capped += 1

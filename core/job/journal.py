@@ -13,6 +13,7 @@ cut short by a crash is ignored on reading.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,9 +38,16 @@ def row_key(prompt: np.ndarray, params: SamplingParams, seed: int, model_identit
     """What a row's output depends on, hashed."""
     h = hashlib.blake2b(digest_size=16)
     h.update(np.ascontiguousarray(prompt, dtype=np.int32).tobytes())
-    h.update(repr(params).encode())
+    h.update(_params_text(params))
     h.update(f"\x00{seed}\x00{model_identity}".encode())
     return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _params_text(params: SamplingParams) -> bytes:
+    """``repr(params)`` encoded, once per distinct value (most rows share the job's defaults;
+    a repr is slower than hashing the prompt's tokens)."""
+    return repr(params).encode()
 
 
 class Journaled(NamedTuple):

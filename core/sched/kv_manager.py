@@ -17,7 +17,7 @@ holds one reference) and shared with the writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from batchrun.core.sched.block_pool import BlockPool
 from batchrun.core.sched.request import Request
@@ -39,6 +39,10 @@ class KVManager:
         return self.pool.num_free
 
     # -- segments ----------------------------------------------------------------------
+
+    def announce(self, users_of: Callable[[int], int]) -> None:
+        """Each segment key's number of users, known ahead (requests then register lazily)."""
+        self.prefixes.announce(users_of)
 
     def register(self, request: Request) -> None:
         """Count ``request`` as a user of each of its segments (before it is scheduled)."""
