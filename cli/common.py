@@ -46,6 +46,7 @@ class Order(str, Enum):
 
 class Backend(str, Enum):
     auto = "auto"
+    cpu = "cpu"
     torch = "torch"
     triton = "triton"
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from batchrun.kernels.backend import AttentionBackend, BackendCapabilities
+from batchrun.kernels.backend import AttentionBackend, BackendCapabilities, BackendUnavailable
 from batchrun.kernels.metadata import AttentionMetadata
 
 __all__ = [
     "AttentionBackend",
     "AttentionMetadata",
     "BackendCapabilities",
+    "BackendUnavailable",
     "available_backends",
     "get_backend",
 ]
@@ -30,14 +31,29 @@ def _torch_backend(cascade_min_saved_tokens: int | None = None, **_) -> Attentio
 
 
 def _triton_backend(cascade_min_saved_tokens: int | None = None, **_) -> AttentionBackend:
-    from batchrun.kernels.triton_backend import TritonBackend  # imports triton
+    try:
+        from batchrun.kernels.triton_backend import TritonBackend  # imports triton
+    except ImportError as exc:
+        raise BackendUnavailable(f"needs Triton ({exc}); pip install 'batchrun[gpu]'") from exc
 
     if cascade_min_saved_tokens is None:
         return TritonBackend()
     return TritonBackend(cascade_min_saved_tokens)
 
 
-_FACTORIES: dict[str, Callable[..., AttentionBackend]] = {"torch": _torch_backend, "triton": _triton_backend}
+def _cpu_backend(cascade_min_saved_tokens: int | None = None, **_) -> AttentionBackend:
+    from batchrun.kernels.cpu_backend import CpuBackend  # builds the kernel on first use
+
+    if cascade_min_saved_tokens is None:
+        return CpuBackend()
+    return CpuBackend(cascade_min_saved_tokens)
+
+
+_FACTORIES: dict[str, Callable[..., AttentionBackend]] = {
+    "cpu": _cpu_backend,
+    "torch": _torch_backend,
+    "triton": _triton_backend,
+}
 
 
 def available_backends() -> list[str]:
@@ -46,7 +62,7 @@ def available_backends() -> list[str]:
 
 def get_backend(name: str, **options) -> AttentionBackend:
     """The backend registered as ``name``, built with its ``options`` (e.g. the torch
-    backend's ``cascade_min_saved_tokens``)."""
+    backend's ``cascade_min_saved_tokens``); ``BackendUnavailable`` if it cannot run here."""
     try:
         factory = _FACTORIES[name]
     except KeyError:

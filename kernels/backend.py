@@ -18,6 +18,11 @@ import torch
 from batchrun.kernels.metadata import AttentionMetadata
 
 
+class BackendUnavailable(RuntimeError):
+    """A backend cannot run on this machine at all (a library missing, a kernel that does
+    not build); the message says why."""
+
+
 @dataclass(frozen=True)
 class BackendCapabilities:
     devices: frozenset[str]  # torch device types, e.g. {"cpu", "cuda"}

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from batchrun.kernels.backend import AttentionBackend, BackendCapabilities
+from batchrun.kernels.cascade_layout import CascadeLayout, cascade_layout
 from batchrun.kernels.metadata import AttentionMetadata
 from batchrun.kernels.triton import (
     CAPABILITIES,
@@ -38,18 +39,6 @@ from batchrun.kernels.triton import (
 # more members is split. Not yet measured on a GPU (none has been available): the GPU
 # benchmark is what should set this.
 TRITON_CASCADE_MIN_SAVED_TOKENS = 1
-
-
-@dataclass(frozen=True)
-class CascadeLayout:
-    """The step's shared-prefix groups, as the prefix kernel reads them."""
-
-    group_rows: torch.Tensor  # (Tg,) int32: query rows of the groups' members, group by group
-    cu_group_rows: torch.Tensor  # (G + 1,) int32
-    group_tables: torch.Tensor  # (G, Wp) int32: each group's prefix blocks
-    group_prefix_len: torch.Tensor  # (G,) int32: prefix tokens (a multiple of block_size)
-    kv_start: torch.Tensor  # (S,) int32: the prefix length for grouped sequences, else 0
-    max_group_rows: int
 
 
 @dataclass(frozen=True)
@@ -89,7 +78,7 @@ class TritonBackend(AttentionBackend):
             seq_lens=meta.seq_lens,
             block_tables=meta.block_tables,
             max_q_len=max(meta.q_lens_host),
-            cascade=self._cascade(meta),
+            cascade=cascade_layout(meta, self.cascade_min_saved_tokens),
         )
 
     def write_kv(self, state, key, value, k_cache, v_cache) -> None:
@@ -120,43 +109,3 @@ class TritonBackend(AttentionBackend):
         )
         merge_attention_into(out, lse, cascade.group_rows, prefix.out, prefix.lse)
         return out
-
-    def _cascade(self, meta: AttentionMetadata) -> CascadeLayout | None:
-        """Groups worth splitting: members whose queries all come after the shared prefix."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, (key, prefix_len) in enumerate(
-            zip(meta.group_keys_host, meta.group_prefix_lens_host, strict=True)
-        ):
-            first_query = meta.seq_lens_host[i] - meta.q_lens_host[i]
-            if key >= 0 and prefix_len >= meta.block_size and first_query >= prefix_len:
-                groups.setdefault((key, prefix_len), []).append(i)
-        chosen = [
-            (prefix_len, members)
-            for (_, prefix_len), members in groups.items()
-            if (len(members) - 1) * prefix_len >= self.cascade_min_saved_tokens
-        ]
-        if not chosen:
-            return None
-        starts, q_lens = meta.q_starts_host, meta.q_lens_host
-        rows, cu, kv_start = [], [0], [0] * len(q_lens)
-        for prefix_len, members in chosen:
-            for i in members:
-                rows.extend(range(starts[i], starts[i] + q_lens[i]))
-                kv_start[i] = prefix_len
-            cu.append(len(rows))
-        width = max(prefix_len for prefix_len, _ in chosen) // meta.block_size
-        firsts = [members[0] for _, members in chosen]
-        tables = meta.block_tables[firsts, :width]  # members share these columns (their prefix)
-        device = meta.block_tables.device
-
-        def int32(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
-
-        return CascadeLayout(
-            group_rows=int32(rows),
-            cu_group_rows=int32(cu),
-            group_tables=tables,
-            group_prefix_len=int32([prefix_len for prefix_len, _ in chosen]),
-            kv_start=int32(kv_start),
-            max_group_rows=max(cu[g + 1] - cu[g] for g in range(len(chosen))),
-        )

@@ -39,10 +39,12 @@ def test_every_supported_type_is_tested():
     assert set(CONFIGS) == set(SUPPORTED_MODEL_TYPES)
 
 
+@pytest.mark.parametrize("attention_backend", ["cpu", "torch"])
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_architecture_matches_transformers_generate(model_type, tmp_path):
+def test_architecture_matches_transformers_generate(model_type, attention_backend, tmp_path):
     """Through the plan: the two lighthouse prompts share their first blocks, and their
-    decodes go through the cascade kernel (where the model allows it)."""
+    decodes go through the shared-prefix path (where the model allows it), in the in-place
+    CPU kernel and in the torch reference."""
     path = save_tiny_model(CONFIGS[model_type](), tmp_path / model_type)
     loaded = load_model(path, device="cpu", dtype="float32")
     tok = loaded.tokenizer
@@ -55,7 +57,13 @@ def test_architecture_matches_transformers_generate(model_type, tmp_path):
     max_tokens = [12, 9, 14]
     expected = reference_generate(path, prompts, max_tokens)
     got, engine = run_engine(
-        loaded, prompts, max_tokens, block_size=4, token_budget=11, cascade_min_saved_tokens=1
+        loaded,
+        prompts,
+        max_tokens,
+        block_size=4,
+        token_budget=11,
+        cascade_min_saved_tokens=1,
+        attention_backend=attention_backend,
     )
     assert got == expected
     assert engine.stats.cached_prompt_tokens > 0

@@ -9,12 +9,14 @@ import pytest
 import torch
 from transformers import Gemma2Config
 
+from batchrun.core.engine.backend_choice import choose_backend
 from batchrun.core.engine.config import EngineConfig
-from batchrun.core.engine.engine import choose_backend
 from batchrun.core.errors import InputError
 from batchrun.core.runner import model_loader
 from batchrun.core.runner.kv_cache import KVCacheSpec
 from batchrun.core.runner.model_loader import choose_dtype
+from batchrun.kernels import cpu_backend
+from batchrun.kernels.cpu import KernelUnavailable, build
 
 from helpers import COMMON
 
@@ -44,10 +46,30 @@ def spec(config, block_size=16):
     return KVCacheSpec.from_config(config, torch.float32, block_size)
 
 
-def test_auto_takes_the_torch_reference_on_cpu_and_says_why():
+def test_auto_takes_the_in_place_kernel_on_cpu_and_says_why():
     config = Gemma2Config(**COMMON, head_dim=16, sliding_window=8, attn_logit_softcapping=20.0)
     backend, why = choose_backend(EngineConfig(), fake_loaded(config), spec(config))
-    assert backend.name == "torch" and why == "auto: the torch reference on cpu"
+    assert backend.name == "cpu" and why == "auto: cpu on cpu (supports the model)"
+
+
+def test_auto_falls_back_to_the_torch_reference_when_the_kernel_cannot_build(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("BATCHRUN_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KernelUnavailable, match="cannot run the compiler .*no-such-compiler"):
+        build.load.__wrapped__()  # uncached: the real build path, with a compiler that is not there
+
+    def unbuildable():
+        raise KernelUnavailable("needs a C++ compiler (none of $CXX, c++, g++, clang++ found)")
+
+    monkeypatch.setattr(cpu_backend, "kernel", unbuildable)
+    config = Gemma2Config(**COMMON, head_dim=16)
+    backend, why = choose_backend(EngineConfig(), fake_loaded(config), spec(config))
+    assert backend.name == "torch"
+    assert why == (
+        "auto: cpu needs a C++ compiler (none of $CXX, c++, g++, clang++ found), so the torch reference"
+    )
+    with pytest.raises(InputError, match="'cpu' needs a C\\+\\+ compiler.*--attention-backend"):
+        choose_backend(EngineConfig(attention_backend="cpu"), fake_loaded(config), spec(config))
 
 
 def test_a_named_backend_that_cannot_run_the_model_is_refused_before_any_work():

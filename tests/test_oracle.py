@@ -60,11 +60,23 @@ def test_greedy_equals_transformers_generate(loaded, workload, expected, token_b
 
 @pytest.mark.parametrize("sharing", [True, False])
 @pytest.mark.parametrize("order", ["plan", "input"])
-def test_oracle_holds_with_and_without_the_plans_two_ideas(loaded, workload, expected, sharing, order):
+@pytest.mark.parametrize("attention_backend", ["cpu", "torch"])
+def test_oracle_holds_with_and_without_the_plans_two_ideas(
+    loaded, workload, expected, sharing, order, attention_backend
+):
+    """Through the in-place CPU kernel (what ``auto`` runs on CPU) and the torch reference."""
     prompts, max_tokens = workload
     got, engine = run_engine(
-        loaded, prompts, max_tokens, sharing=sharing, order=order, token_budget=48, block_size=4
+        loaded,
+        prompts,
+        max_tokens,
+        sharing=sharing,
+        order=order,
+        token_budget=48,
+        block_size=4,
+        attention_backend=attention_backend,
     )
+    assert engine.runner.backend.name == attention_backend
     assert got == expected
     if sharing:
         assert engine.stats.cached_prompt_tokens > 0 and engine.stats.saving > 0.3
@@ -143,7 +155,8 @@ def test_single_row_job(loaded, workload, expected):
 
 
 def test_oracle_holds_with_the_cascade_decode_kernel(loaded, workload, expected, monkeypatch):
-    """Force every decode group through the shared-prefix (cascade) kernel and count its use."""
+    """The torch reference: force every decode group through its shared-prefix (cascade)
+    kernel and count its use."""
     from batchrun.kernels import torch_ref
 
     calls = []
@@ -151,7 +164,13 @@ def test_oracle_holds_with_the_cascade_decode_kernel(loaded, workload, expected,
     monkeypatch.setattr(torch_ref, "cascade_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompts, max_tokens = workload
     got, _ = run_engine(
-        loaded, prompts, max_tokens, token_budget=64, block_size=4, cascade_min_saved_tokens=1
+        loaded,
+        prompts,
+        max_tokens,
+        token_budget=64,
+        block_size=4,
+        cascade_min_saved_tokens=1,
+        attention_backend="torch",
     )
     assert got == expected
     assert calls, "no decode group went through the cascade kernel"

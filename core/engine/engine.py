@@ -21,10 +21,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
+from batchrun.core.engine.backend_choice import choose_backend
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
 from batchrun.core.engine.stop import StopChecker, StopState
-from batchrun.core.errors import InputError
 from batchrun.core.runner.kv_budget import kv_cache_bytes, num_blocks_for
 from batchrun.core.runner.kv_cache import KVCache, KVCacheSpec
 from batchrun.core.runner.model_loader import LoadedModel
@@ -34,7 +34,6 @@ from batchrun.core.sched.kv_manager import KVManager
 from batchrun.core.sched.messages import StepPlan, StepResult
 from batchrun.core.sched.request import Request
 from batchrun.core.sched.scheduler import Scheduler
-from batchrun.kernels import AttentionBackend, get_backend
 
 
 class Engine:
@@ -180,44 +179,3 @@ def build_engine(loaded: LoadedModel, config: EngineConfig, useful_tokens: int |
     runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids)
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker, backend_choice=why)
-
-
-def choose_backend(
-    config: EngineConfig, loaded: LoadedModel, spec: KVCacheSpec
-) -> tuple[AttentionBackend, str]:
-    """The attention backend for this model and device, and why it was chosen.
-
-    A named backend must support the configuration (else ``InputError`` saying why); ``auto``
-    takes Triton on CUDA when it is installed and supports the model, else the torch
-    reference (always on CPU)."""
-    text = loaded.model.config.get_text_config()
-    needs = dict(
-        device=loaded.device,
-        dtype=loaded.dtype,
-        block_size=config.block_size,
-        softcap=bool(getattr(text, "attn_logit_softcapping", None)),
-        sliding_window=bool(getattr(text, "sliding_window", None)),
-        head_dim=spec.head_dim,
-        gqa_group=text.num_attention_heads // spec.num_kv_heads,
-    )
-    options = {"cascade_min_saved_tokens": config.cascade_min_saved_tokens}
-    if config.attention_backend != "auto":
-        backend = get_backend(config.attention_backend, **options)
-        reason = backend.capabilities.unsupported(**needs)
-        if reason is not None:
-            raise InputError(
-                f"attention backend {backend.name!r} {reason}; choose another with --attention-backend"
-            )
-        return backend, "chosen with --attention-backend"
-    if loaded.device.type == "cuda":
-        try:
-            backend = get_backend("triton", **options)
-        except ImportError:
-            why = "triton is not installed"
-        else:
-            reason = backend.capabilities.unsupported(**needs)
-            if reason is None:
-                return backend, "auto: CUDA device, Triton installed and supports the model"
-            why = f"triton {reason}"
-        return get_backend("torch", **options), f"auto: {why}, so the torch reference"
-    return get_backend("torch", **options), f"auto: the torch reference on {loaded.device.type}"

@@ -1,0 +1,238 @@
+// Paged attention on the CPU that reads the KV cache in place (no gather into a dense copy).
+//
+// One call attends a list of *items*. An item is a set of query rows that read the same keys
+// through one block table: a sequence's own rows (causal), or every row of a prefix group
+// against the group's shared prefix (not causal: all prefix keys precede every query). The
+// work is split into (item, kv head, tile of query rows) units run in parallel with OpenMP;
+// inside a unit the tile's query heads of that kv head (GQA packed: G heads per row) walk the
+// keys a chunk at a time, so each key and value is loaded and converted once per tile.
+//
+// Softmax is online, in float32, in natural log. A call can start from a partial result over
+// disjoint keys (prior_out, prior_lse): that is how a group's prefix part and each member's
+// own part combine, exactly as two halves of one softmax (m = lse, l = 1, acc = o).
+//
+// Layouts (all contiguous, row-major):
+//   q        (T, Hq, D)                   dtype
+//   k_cache  (num_blocks + 1, B, Hkv, D)  dtype; key position p of an item lives at
+//   v_cache                               block tables[item][p / B], offset p % B
+//   out      (T, Hq, D)                   dtype, or float32 when out_f32
+//   lse      (T, Hq)                      float32
+// Query head h*G + g reads kv head h (transformers' repeat_kv order).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+constexpr int kTileRows = 16;    // query rows per work unit (x G heads each)
+constexpr int kKeyChunk = 32;    // keys converted and scored at a time
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {
+  uint32_t bits = uint32_t(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float load(const _Float16* p, int64_t i) { return float(p[i]); }
+
+inline void store(float* p, int64_t i, float f) { p[i] = f; }
+inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch does
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof f);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    p[i] = 0x7fc0;  // NaN
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  p[i] = uint16_t(bits >> 16);
+}
+inline void store(_Float16* p, int64_t i, float f) { p[i] = _Float16(f); }
+
+}  // namespace
+
+extern "C" {
+
+// Mirrored field for field by kernels/cpu/__init__.py (ctypes); keep the two in step.
+struct PagedAttentionArgs {
+  const void* q;
+  const void* k_cache;
+  const void* v_cache;
+  void* out;
+  float* out_lse;           // may be null
+  const float* prior_out;   // (T, Hq, D) float32, may be null
+  const float* prior_lse;   // (T, Hq); -inf where a row has no prior part; null: none
+  const int32_t* rows;      // query rows item by item; null: item i owns rows cu_rows[i]..
+  const int32_t* cu_rows;   // (I + 1,)
+  const int32_t* tables;    // (I, table_stride)
+  const int32_t* key_begin; // (I,) first key position the item reads
+  const int32_t* key_end;   // (I,) keys < key_end; causal: the item's last row's bound
+  int64_t table_stride;
+  int32_t num_items;
+  int32_t num_q_heads;
+  int32_t num_kv_heads;
+  int32_t head_dim;
+  int32_t block_size;
+  int32_t dtype;
+  int32_t out_f32;
+  int32_t causal;           // row j of n sees keys < key_end - (n - 1 - j)
+  int32_t sliding_window;   // 0: none; else a row at position p sees keys > p - window
+  float scale;
+  float softcap;            // 0: none
+};
+
+}  // extern "C"
+
+namespace {
+
+struct Unit {
+  int32_t item;
+  int32_t first;  // first row of the tile, as an index into the item's rows
+  int32_t count;
+  int32_t kv_head;
+};
+
+template <typename T, typename OutT>
+void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scratch) {
+  const int D = a.head_dim, G = a.num_q_heads / a.num_kv_heads, B = a.block_size;
+  const int nvec = u.count * G;  // query vectors in the tile
+  const int32_t begin = a.cu_rows[u.item], n = a.cu_rows[u.item + 1] - begin;
+  const int32_t* table = a.tables + int64_t(u.item) * a.table_stride;
+  const T* q = static_cast<const T*>(a.q);
+  const T* kc = static_cast<const T*>(a.k_cache);
+  const T* vc = static_cast<const T*>(a.v_cache);
+  const int64_t q_row = int64_t(a.num_q_heads) * D, kv_token = int64_t(a.num_kv_heads) * D;
+
+  scratch.resize(size_t(nvec) * D * 2 + size_t(kKeyChunk) * D * 2 + size_t(nvec) * 4);
+  float* qf = scratch.data();           // (nvec, D)
+  float* acc = qf + size_t(nvec) * D;   // (nvec, D)
+  float* kf = acc + size_t(nvec) * D;   // (chunk, D)
+  float* vf = kf + size_t(kKeyChunk) * D;
+  float* m = vf + size_t(kKeyChunk) * D;  // running max
+  float* l = m + nvec;                    // running sum
+  int32_t* lo = reinterpret_cast<int32_t*>(l + nvec);  // per row: visible keys [lo, hi)
+  int32_t* hi = lo + nvec;
+
+  int32_t tile_lo = INT32_MAX, tile_hi = 0;
+  for (int r = 0; r < u.count; ++r) {
+    const int32_t j = u.first + r;
+    const int32_t row = a.rows ? a.rows[begin + j] : begin + j;
+    int32_t row_hi = a.causal ? a.key_end[u.item] - (n - 1 - j) : a.key_end[u.item];
+    int32_t row_lo = a.key_begin[u.item];
+    if (a.sliding_window > 0) row_lo = std::max(row_lo, row_hi - a.sliding_window);
+    tile_lo = std::min(tile_lo, row_lo);
+    tile_hi = std::max(tile_hi, row_hi);
+    for (int g = 0; g < G; ++g) {
+      const int v = r * G + g, head = u.kv_head * G + g;
+      lo[v] = row_lo;
+      hi[v] = row_hi;
+      const int64_t at = int64_t(row) * q_row + int64_t(head) * D;
+      for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = load(q, at + d);
+      const int64_t lse_at = int64_t(row) * a.num_q_heads + head;
+      const float prior = a.prior_lse ? a.prior_lse[lse_at] : kNegInf;
+      m[v] = prior;
+      l[v] = prior == kNegInf ? 0.f : 1.f;
+      for (int d = 0; d < D; ++d)
+        acc[size_t(v) * D + d] = prior == kNegInf ? 0.f : a.prior_out[at + d];
+    }
+  }
+
+  float s[kKeyChunk];
+  for (int32_t k0 = tile_lo; k0 < tile_hi; k0 += kKeyChunk) {
+    const int kn = std::min<int32_t>(kKeyChunk, tile_hi - k0);
+    for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
+      const int32_t p = k0 + j;
+      const int64_t at = (int64_t(table[p / B]) * B + p % B) * kv_token + int64_t(u.kv_head) * D;
+      for (int d = 0; d < D; ++d) {
+        kf[size_t(j) * D + d] = load(kc, at + d);
+        vf[size_t(j) * D + d] = load(vc, at + d);
+      }
+    }
+    for (int v = 0; v < nvec; ++v) {
+      const int j0 = std::max(lo[v] - k0, 0), j1 = std::min(hi[v] - k0, kn);
+      if (j0 >= j1) continue;
+      const float* qv = qf + size_t(v) * D;
+      float chunk_max = kNegInf;
+      for (int j = j0; j < j1; ++j) {
+        const float* kj = kf + size_t(j) * D;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int d = 0; d < D; ++d) dot += qv[d] * kj[d];
+        float score = dot * a.scale;
+        if (a.softcap > 0.f) score = std::tanh(score / a.softcap) * a.softcap;
+        s[j] = score;
+        chunk_max = std::max(chunk_max, score);
+      }
+      const float m_new = std::max(m[v], chunk_max);
+      const float alpha = m[v] == kNegInf ? 0.f : std::exp(m[v] - m_new);
+      float* av = acc + size_t(v) * D;
+      float sum = 0.f;
+      for (int d = 0; d < D; ++d) av[d] *= alpha;
+      for (int j = j0; j < j1; ++j) {
+        const float p = std::exp(s[j] - m_new);
+        sum += p;
+        const float* vj = vf + size_t(j) * D;
+        for (int d = 0; d < D; ++d) av[d] += p * vj[d];
+      }
+      l[v] = l[v] * alpha + sum;
+      m[v] = m_new;
+    }
+  }
+
+  OutT* out = static_cast<OutT*>(a.out);
+  for (int r = 0; r < u.count; ++r) {
+    const int32_t j = u.first + r;
+    const int32_t row = a.rows ? a.rows[begin + j] : begin + j;
+    for (int g = 0; g < G; ++g) {
+      const int v = r * G + g, head = u.kv_head * G + g;
+      const int64_t at = int64_t(row) * q_row + int64_t(head) * D;
+      const float inv = l[v] > 0.f ? 1.f / l[v] : 0.f;
+      for (int d = 0; d < D; ++d) store(out, at + d, acc[size_t(v) * D + d] * inv);
+      if (a.out_lse) a.out_lse[int64_t(row) * a.num_q_heads + head] = m[v] + std::log(l[v]);
+    }
+  }
+}
+
+template <typename T>
+void run(const PagedAttentionArgs& a) {
+  std::vector<Unit> units;
+  for (int32_t i = 0; i < a.num_items; ++i) {
+    const int32_t n = a.cu_rows[i + 1] - a.cu_rows[i];
+    for (int32_t first = 0; first < n; first += kTileRows)
+      for (int32_t h = 0; h < a.num_kv_heads; ++h)
+        units.push_back({i, first, std::min(kTileRows, n - first), h});
+  }
+  const int64_t num_units = int64_t(units.size());
+#pragma omp parallel
+  {
+    std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_units; ++i) {
+      if (a.out_f32)
+        attend_unit<T, float>(a, units[i], scratch);
+      else
+        attend_unit<T, T>(a, units[i], scratch);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int batchrun_paged_attention(const PagedAttentionArgs* args) {
+  switch (args->dtype) {
+    case kF32: run<float>(*args); return 0;
+    case kBF16: run<uint16_t>(*args); return 0;
+    case kF16: run<_Float16>(*args); return 0;
+    default: return 1;
+  }
+}
+
+// Lets the loader check that the library and its ctypes mirror agree on the layout.
+extern "C" int64_t batchrun_paged_attention_args_size() { return sizeof(PagedAttentionArgs); }
