@@ -136,3 +136,51 @@ def test_lazy_admission_schedules_exactly_as_the_eager_one_with_few_requests_wai
     else:
         assert engine.stats.preemptions > 0
     assert taken[-1] == total
+
+
+def test_a_job_taking_requests_lazily_writes_the_same_bytes_as_one_taking_them_all(tmp_path, monkeypatch):
+    """12 rows sampled twice through a queue of 4 (token budget 3 + 1 skipped): the output is
+    byte for byte that of the engine taking every request at the start."""
+    import shutil
+
+    from batchrun.core.engine.engine import Engine
+    from batchrun.core.job.config import JobConfig
+    from batchrun.core.job.run import run_job
+
+    from helpers import SAMPLE_JOBS, TINY_LLAMA
+
+    src = tmp_path / "docs_qa.jsonl"
+    shutil.copy(SAMPLE_JOBS / "docs_qa.jsonl", src)
+    engine = EngineConfig(token_budget=3, scheduler=SchedulerConfig(max_skipped=1))
+    sampling = {"max_tokens": 3, "n": 2, "temperature": 0.8}
+
+    def run(out):
+        run_job(
+            JobConfig(
+                input=src, model=TINY_LLAMA, output=out, sampling=sampling, dtype="float32", engine=engine
+            )
+        )
+        return out.read_bytes()
+
+    waiting: list[int] = []
+    lazy_generate = Engine.generate
+
+    def watched(self, requests, on_step=None, segment_users=None):
+        assert segment_users is not None, "the job did not announce its segments' users"
+
+        def step(stats):
+            waiting.append(len(self.scheduler.waiting))
+            if on_step is not None:
+                on_step(stats)
+
+        return lazy_generate(self, requests, step, segment_users)
+
+    monkeypatch.setattr(Engine, "generate", watched)
+    lazy = run(tmp_path / "lazy.jsonl")
+    assert waiting and max(waiting) <= 4
+    monkeypatch.setattr(
+        Engine,
+        "generate",
+        lambda self, requests, on_step=None, segment_users=None: lazy_generate(self, requests, on_step),
+    )
+    assert run(tmp_path / "eager.jsonl") == lazy
