@@ -19,7 +19,6 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 from typing import IO, NamedTuple
 
@@ -111,7 +110,9 @@ class Journal:
         if self._file is None:
             self._file = open(self.path, "ab")  # noqa: SIM115 (held open)
             self._repair_tail()
-        line = json.dumps({"id": row_id, "key": key, "result": asdict(result)}, ensure_ascii=False)
+        # vars, not asdict: the same fields in the same order (RowResult holds no dataclass),
+        # without asdict's recursive deep copy of every token id and logprob entry
+        line = json.dumps({"id": row_id, "key": key, "result": vars(result)}, ensure_ascii=False)
         offset = self._file.tell()
         self._file.write(line.encode() + b"\n")
         self._file.flush()
