@@ -64,9 +64,9 @@ class KVManager:
         the segments not yet complete."""
         chain = self.prefixes.chain(_keys(request))
         for segment in chain:
-            for block in segment.block_ids[: self.blocks_for(min(upto, segment.end) - segment.start)]:
-                self.pool.share(block)
-                request.block_ids.append(block)
+            blocks = segment.block_ids[: self.blocks_for(min(upto, segment.end) - segment.start)]
+            self.pool.share_all(blocks)
+            request.block_ids.extend(blocks)
             if segment.end >= upto:
                 break
         rest = [s for s in chain if not s.complete]
