@@ -113,8 +113,9 @@ def paged_attention(
             raise ValueError(f"{name} must be contiguous")
     if out.dtype not in (query.dtype, torch.float32):
         raise ValueError(f"out must be {query.dtype} or float32, not {out.dtype}")
-    if items.tables.stride(-1) != 1:
-        raise ValueError("block tables must be contiguous along their rows")
+    for name, t in vars(items).items():
+        if isinstance(t, torch.Tensor) and (t.dtype != torch.int32 or t.stride(-1) != 1 or t.is_cuda):
+            raise ValueError(f"items.{name} must be int32 on the CPU, contiguous along its last dim")
     args = _Args(
         q=query.data_ptr(),
         k_cache=k_cache.data_ptr(),
