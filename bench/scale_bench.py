@@ -76,6 +76,7 @@ def bench(num_rows: int, folder: Path, run: bool) -> dict:
     start = time.perf_counter()
     write_rows(rows, num_rows)
     result: dict = {"rows": num_rows, "generate_s": time.perf_counter() - start, "bytes": rows.stat().st_size}
+    result["cpus"], result["load_before"] = os.cpu_count(), os.getloadavg()[0]  # a shared machine shows here
     cli = [sys.executable, "-m", "batchrun.cli.main"]
     # cold plan (tokenizes and leaves the ids beside the default output), then a warm one
     for name in ("plan", "plan_again"):
@@ -91,6 +92,8 @@ def bench(num_rows: int, folder: Path, run: bool) -> dict:
         seconds, rss, _ = timed(cmd, folder / f"run{num_rows}.log")
         report = json.loads((folder / f".rows{num_rows}.out.jsonl.report.json").read_text())
         result["run"] = {"wall_s": seconds, "peak_rss_gib": rss, "phases": report.get("seconds")}
+        result["run"]["attention"] = (report.get("run") or {}).get("attention")
+    result["load_after"] = os.getloadavg()[0]
     return result
 
 

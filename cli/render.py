@@ -141,9 +141,12 @@ def plan_tables(report: PlanReport) -> list[Table | Tree]:
     costs.add_column("strategy")
     costs.add_column("tokens computed", justify="right")
     costs.add_column("saving", justify="right")
+    lru = "LRU prefix cache, file order (upper bound)"
+    if report.lru_simulated_rows < s.runnable_rows:
+        lru = f"LRU prefix cache, file order (first {report.lru_simulated_rows:,} rows, extrapolated)"
     for name, computed in (
         ("no prefix sharing", s.prompt_tokens),
-        ("LRU prefix cache, file order (upper bound)", report.lru_computed_tokens),
+        (lru, report.lru_computed_tokens),
         ("batchrun plan", s.computed_tokens),
     ):
         saving = 1 - computed / s.prompt_tokens if s.prompt_tokens else 0.0

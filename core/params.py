@@ -102,8 +102,11 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def with_overrides(self, overrides: dict[str, Any]) -> SamplingParams:
-        """Return a copy with the non-null values of ``overrides`` applied (validated)."""
+        """Return a copy with the non-null values of ``overrides`` applied (validated); ``self``
+        when there is none, so rows without overrides share one object (a million rows)."""
         changes = {k: _integral(k, v) for k, v in overrides.items() if v is not None}
+        if not changes:
+            return self
         if "stop" in changes:
             changes["stop"] = normalize_stop(changes["stop"])
         if "stop_token_ids" in changes:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchrun.core.planner import prefix_tree
-from batchrun.core.planner.lru_baseline import lru_computed_tokens
+from batchrun.core.planner.lru_baseline import lru_computed_tokens, lru_estimate
 from batchrun.core.planner.plan import build_plan, first_level_groups
 from batchrun.core.planner.prompt_tokens import PromptTokens
 
@@ -190,3 +190,18 @@ def test_lru_baseline_bounds():
     # next user arrives (the failure batchrun's plan avoids), so it computes everything.
     assert lru_computed_tokens(plan.tree, tokens.lengths, runnable, 4) == total
     assert plan.summary.computed_tokens == total - 6 * 8
+
+
+def test_lru_estimate_is_exact_up_to_its_window_and_extrapolates_past_it():
+    # 6 documents take turns through a cache with room for 3: past the cold start every row
+    # computes all of its tokens (each document is evicted before its next user).
+    prompts = [[d] * 8 + [q, 0] for q in range(20) for d in range(1, 7)]
+    plan, tokens = plan_of(prompts, block_size=4)
+    runnable = tokens.lengths > 0
+    exact = lru_computed_tokens(plan.tree, tokens.lengths, runnable, 6)
+    assert lru_estimate(plan.tree, tokens.lengths, runnable, 6) == (exact, len(prompts))
+    estimate, simulated = lru_estimate(plan.tree, tokens.lengths, runnable, 6, max_rows=40)
+    assert simulated == 40 and estimate == exact == int(tokens.lengths.sum())
+    # A cache that holds every document: the warm half computes only each row's own tail.
+    roomy, _ = lru_estimate(plan.tree, tokens.lengths, runnable, 10**6, max_rows=40)
+    assert roomy == lru_computed_tokens(plan.tree, tokens.lengths, runnable, 10**6)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +27,7 @@ from batchrun.core.distributed.cluster import Cluster, NoWorkers, WorkerHandle, 
 from batchrun.core.distributed.split import Split, split_plan
 from batchrun.core.distributed.stats import ClusterStats
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
-from batchrun.core.job.completion_source import OnStep
+from batchrun.core.job.completion_source import OnStep, SegmentUsers
 from batchrun.core.job.config import JobConfig, JobObserver
 from batchrun.core.job.planning import expected_output_tokens
 from batchrun.core.job.report import RunReport
@@ -107,14 +107,22 @@ class RaySource:
             split_computed_tokens=self.split.computed_tokens if self.split else 0,
         )
 
-    def generate(self, requests: list[Request], on_step: OnStep | None = None) -> Iterator[Completion]:
+    def generate(
+        self,
+        requests: Iterable[Request],
+        on_step: OnStep | None = None,
+        segment_users: SegmentUsers | None = None,
+    ) -> Iterator[Completion]:
+        """Every request, sent to the workers unit by unit. All requests are taken at once (the
+        units are cut from the whole plan); each worker's engine counts its own segment users,
+        so ``segment_users`` is not needed here."""
         assert self.cluster is not None, "start() first"
         try:
             yield from self._generate(requests, on_step)
         finally:
             self.cluster.close()
 
-    def _generate(self, requests: list[Request], on_step: OnStep | None) -> Iterator[Completion]:
+    def _generate(self, requests: Iterable[Request], on_step: OnStep | None) -> Iterator[Completion]:
         ray = import_ray()
         from ray.exceptions import RayActorError, WorkerCrashedError
 

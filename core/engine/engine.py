@@ -8,11 +8,17 @@ while work remains:
 
 The scheduler and the runner only exchange messages (sched/messages.py), so the runner
 could live in another process; the requests themselves stay on this side.
+
+Requests are taken from their iterator lazily: before each step the waiting queue is topped
+up to ``SchedulerConfig.lookahead`` requests, the furthest a step's admission can look, so
+admission decides exactly as if every request had been queued at the start, while at most
+that many requests wait in memory (a million-row job never holds a million ``Request``s).
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from batchrun.core.engine.backend_choice import choose_backend
@@ -53,25 +59,30 @@ class Engine:
         self._stops: dict[int, StopState] = {}
 
     def generate(
-        self, requests: Iterable[Request], on_step: Callable[[EngineStats], None] | None = None
+        self,
+        requests: Iterable[Request],
+        on_step: Callable[[EngineStats], None] | None = None,
+        segment_users: Callable[[int], int] | None = None,
     ) -> Iterator[Completion]:
         """Run ``requests`` (admitted in the given order); yield completions as they finish.
         ``on_step`` gets the running statistics after every step.
 
-        Requests listing the same segment key share that prefix's KV blocks; every user of
-        a segment must be in ``requests`` (its blocks live until the last one finishes)."""
+        Requests listing the same segment key share that prefix's KV blocks, which live until
+        the segment's last user finishes. ``segment_users(key)`` says how many of
+        ``requests`` list each key; with it, requests are taken from the iterator only as the
+        scheduler has room for them. Without it, every request is taken at the start (to
+        count them) and the iterator may be anything."""
         start = time.perf_counter()
-        for request in requests:
-            self.stats.requests += 1
-            self.stats.prompt_tokens += request.prompt_len
-            if self.scheduler.can_ever_fit(request):
-                self.scheduler.add(request)
-                if request.params.stop:
-                    self._stops[request.req_id] = self.stop_checker.new_state()
-            else:
-                self.scheduler.drop(request)
-                yield self._too_large(request)
-        while self.scheduler.has_work:
+        if segment_users is None:
+            requests = list(requests)
+            counts = Counter(ref.key for request in requests for ref in request.segments)
+            segment_users = counts.__getitem__
+        self.kv.announce(segment_users)
+        pending = iter(requests)
+        while True:
+            yield from self._take(pending, self.scheduler.config.lookahead)
+            if not self.scheduler.has_work:
+                break
             plan = self.scheduler.schedule()
             result = self.runner.execute(plan)
             self._account(plan)
@@ -82,6 +93,29 @@ class Engine:
         self.stats.peak_blocks = self.kv.pool.peak_used
         self.stats.preemptions = self.scheduler.num_preemptions
         self.stats.seconds += time.perf_counter() - start
+        if self.kv.prefixes.segments:  # announced users that never came would pin blocks
+            key, segment = next(iter(self.kv.prefixes.segments.items()))
+            raise RuntimeError(
+                f"segment {key} still waits for {segment.unfinished_users} user(s) after the last "
+                f"request ({segment.registered} came); segment_users announced more than were given"
+            )
+
+    def _take(self, pending: Iterator[Request], lookahead: int) -> Iterator[Completion]:
+        """Queue requests from ``pending`` until ``lookahead`` wait (or none are left); yield
+        the error completion of each that can never fit in the KV cache."""
+        while len(self.scheduler.waiting) < lookahead:
+            request = next(pending, None)
+            if request is None:
+                return
+            self.stats.requests += 1
+            self.stats.prompt_tokens += request.prompt_len
+            if self.scheduler.can_ever_fit(request):
+                self.scheduler.add(request)
+                if request.params.stop:
+                    self._stops[request.req_id] = self.stop_checker.new_state()
+            else:
+                self.scheduler.drop(request)
+                yield self._too_large(request)
 
     def _finished(self, result: StepResult) -> Iterator[Completion]:
         for req_id, token in zip(result.req_ids, result.token_ids, strict=True):

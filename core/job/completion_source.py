@@ -8,7 +8,7 @@ given, exactly one completion (per sample), and for a row all of its ``n`` sampl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from batchrun.core.engine.config import EngineConfig
@@ -18,6 +18,7 @@ from batchrun.core.runner.model_loader import LoadedModel
 from batchrun.core.sched.request import Request
 
 OnStep = Callable[[EngineStats], None]
+SegmentUsers = Callable[[int], int]  # a shared segment's key -> how many requests read it
 
 
 class CompletionSource(Protocol):
@@ -28,8 +29,14 @@ class CompletionSource(Protocol):
         could ever hold at once). The info's ``num_blocks`` is the smallest engine's."""
         ...
 
-    def generate(self, requests: list[Request], on_step: OnStep | None = None) -> Iterator[Completion]:
-        """Every request's completion, as they finish; ``on_step`` gets running totals."""
+    def generate(
+        self,
+        requests: Iterable[Request],
+        on_step: OnStep | None = None,
+        segment_users: SegmentUsers | None = None,
+    ) -> Iterator[Completion]:
+        """Every request's completion, as they finish; ``on_step`` gets running totals.
+        ``segment_users`` lets a source take ``requests`` lazily (see ``Engine.generate``)."""
         ...
 
     @property
@@ -50,9 +57,14 @@ class LocalEngine:
         self.engine = build_engine(self.loaded, self.config, useful_tokens=useful_tokens)
         return self.engine.info
 
-    def generate(self, requests: list[Request], on_step: OnStep | None = None) -> Iterator[Completion]:
+    def generate(
+        self,
+        requests: Iterable[Request],
+        on_step: OnStep | None = None,
+        segment_users: SegmentUsers | None = None,
+    ) -> Iterator[Completion]:
         assert self.engine is not None, "start() first"
-        return self.engine.generate(requests, on_step=on_step)
+        return self.engine.generate(requests, on_step=on_step, segment_users=segment_users)
 
     @property
     def stats(self) -> EngineStats:

@@ -21,7 +21,7 @@ from batchrun.core.job.prepare import (
     job_defaults,
 )
 from batchrun.core.job.report import RunReport
-from batchrun.core.job.requests import make_requests, most_kv_tokens
+from batchrun.core.job.requests import RowSamples, make_requests, most_kv_tokens, segment_users
 from batchrun.core.job.results import StoredResults, row_result
 from batchrun.core.job.rows import Row, RowResult
 from batchrun.core.planner.plan import Plan
@@ -58,20 +58,23 @@ def generate(
             results.journaled(row.index, *resumed[row.id])
     if resumed:
         observer.rows_resumed(len(resumed))
-    requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
     stats = None
-    if requests:
+    if len(plan.order):
         if source is None:
             assert loaded is not None, "rows to generate but no model loaded"
             source = LocalEngine(loaded, config.engine)
-        engine_info = source.start(most_kv_tokens(requests, plan.block_size))
+        # Requests are made lazily, as the engine admits them; its sizing and each shared
+        # segment's number of users come from arrays over the plan's order.
+        planned = RowSamples(rows, prompts, plan)
+        engine_info = source.start(most_kv_tokens(plan, planned, config.prefix_sharing))
         capacity = engine_info.num_blocks * engine_info.block_size
         if fitted := fit_to_kv(rows, prompts, capacity):
             observer.phase(
                 f"{fitted} row(s) without their own max_tokens are capped at what the KV cache "
                 f"holds ({capacity} tokens with the prompt) instead of the model's context"
             )
-            requests = list(make_requests(rows, prompts, plan, config.seed, config.prefix_sharing))
+        requests = make_requests(rows, prompts, plan, config.seed, config.prefix_sharing)
+        users = segment_users(plan, planned)
         observer.engine_started(engine_info)
         info = run_info(config, checkpoint, engine_info, source.dtype_choice)
         observer.run_info(info)
@@ -79,7 +82,7 @@ def generate(
             report.run_info(info)
         pending: dict[int, list[Completion]] = {}
         on_step = lambda stats: observer.step(step_stats(stats))  # noqa: E731
-        for completion in source.generate(requests, on_step=on_step):
+        for completion in source.generate(requests, on_step=on_step, segment_users=users):
             index = completion.row
             samples = pending.setdefault(index, [])
             samples.append(completion)

@@ -23,7 +23,7 @@ from batchrun.core.job.planning import expected_output_tokens, runnable_mask
 from batchrun.core.job.prepare import job_defaults, read_and_tokenize
 from batchrun.core.job.rows import Columns
 from batchrun.core.job.token_cache import TokenCache
-from batchrun.core.planner.lru_baseline import lru_computed_tokens
+from batchrun.core.planner.lru_baseline import lru_estimate
 from batchrun.core.planner.plan import Plan, PlanSummary, build_plan
 from batchrun.core.runner.kv_budget import kv_cache_bytes
 from batchrun.core.runner.kv_cache import KVCacheSpec
@@ -81,6 +81,7 @@ class PlanReport:
     model: str
     summary: PlanSummary
     lru_computed_tokens: int
+    lru_simulated_rows: int  # runnable rows the LRU simulation ran; the rest is extrapolated
     kv_bytes_per_token: int
     kv_budget_bytes: int
     max_context: int
@@ -112,6 +113,7 @@ class PlanReport:
             "no_sharing_computed_tokens": s.prompt_tokens,
             "lru_computed_tokens": self.lru_computed_tokens,
             "lru_saving": 1 - self.lru_computed_tokens / s.prompt_tokens if s.prompt_tokens else 0.0,
+            "lru_simulated_rows": self.lru_simulated_rows,
             "shared_segments": s.shared_segments,
             "shared_segment_tokens": s.shared_segment_tokens,
             "groups": s.groups,
@@ -178,7 +180,7 @@ def plan_job(
     dtype = resolve_dtype("auto", torch_device, getattr(checkpoint.text_config, "dtype", None))
     spec = KVCacheSpec.from_config(checkpoint.config, dtype, block_size)
     budget = kv_budget(model, torch_device, kv_memory)
-    lru = lru_computed_tokens(plan.tree, prompts.lengths, runnable, budget // spec.bytes_per_block)
+    lru, simulated = lru_estimate(plan.tree, prompts.lengths, runnable, budget // spec.bytes_per_block)
     lap("lru baseline")
 
     report = PlanReport(
@@ -186,6 +188,7 @@ def plan_job(
         model=model.name,
         summary=plan.summary,
         lru_computed_tokens=lru,
+        lru_simulated_rows=simulated,
         kv_bytes_per_token=spec.bytes_per_token,
         kv_budget_bytes=budget,
         max_context=max_context,

@@ -3,7 +3,9 @@ each naming the shared segments (KV blocks) it reads."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+import numpy as np
 
 from batchrun.core.job.prepare import effective_seed
 from batchrun.core.job.rows import Row
@@ -53,9 +55,68 @@ def make_requests(
             )
 
 
-def most_kv_tokens(requests: list[Request], block_size: int) -> int:
+class RowSamples:
+    """Per-row numbers the engine's sizing and segment counts need, as arrays over the plan's
+    order (no ``Request`` objects): prompt length, ``max_tokens`` and samples ``n``."""
+
+    def __init__(self, rows: list[Row], prompts: PromptTokens, plan: Plan) -> None:
+        order = plan.order
+        self.order = order
+        self.lengths = prompts.lengths[order]
+        self.max_tokens = np.fromiter(
+            (rows[i].params.max_tokens for i in order.tolist()), np.int64, len(order)
+        )
+        self.n = np.fromiter((rows[i].params.n for i in order.tolist()), np.int64, len(order))
+
+
+def segment_ends(
+    plan: Plan, samples: RowSamples, sample_sharing: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per planned row (plan order): where its plan segments end, and where its shared prompt
+    ends (past its plan segments when its ``n`` samples share their prompt as one more
+    segment, as ``make_requests`` makes them)."""
+    tree, bs = plan.tree, plan.block_size
+    shared_end = tree.shared_length(samples.order)
+    own_end = (samples.lengths - 1) // bs * bs
+    own_segment = (samples.n > 1) & sample_sharing & (own_end > shared_end)
+    return shared_end, np.where(own_segment, own_end, shared_end)
+
+
+def segment_users(plan: Plan, samples: RowSamples) -> Callable[[int], int]:
+    """``key -> number of requests reading segment key`` for ``make_requests``' requests: a
+    plan segment is read by every sample of every planned row below it; a row's own sample
+    segment (key ``len(tree) + row``) by its ``n`` samples. Arrays only, for the engine's
+    lazy admission (``Engine.generate(..., segment_users=...)``)."""
+    tree = plan.tree
+    users = np.zeros(len(tree), dtype=np.int64)
+    deepest = tree.row_segment[samples.order]
+    np.add.at(users, deepest[deepest >= 0], samples.n[deepest >= 0])
+    for d in range(int(tree.depth.max(initial=1)), 1, -1):  # children into parents, deepest first
+        child = np.flatnonzero(tree.depth == d)
+        np.add.at(users, tree.parent[child], users[child])
+    n_of_row = np.zeros(len(tree.row_segment), dtype=np.int64)
+    n_of_row[samples.order] = samples.n
+    num_segments = len(tree)
+
+    def users_of(key: int) -> int:
+        return int(users[key]) if key < num_segments else int(n_of_row[key - num_segments])
+
+    return users_of
+
+
+def most_kv_tokens(plan: Plan, samples: RowSamples, sample_sharing: bool = True) -> int:
     """KV positions the job could ever hold at once: every shared segment once, plus each
     request's own part (prompt after its segments + max_tokens), with a block of rounding."""
-    segments = {ref.key: ref.end - ref.start for r in requests for ref in r.segments}
-    own = sum(r.max_total_tokens - (r.segments[-1].end if r.segments else 0) + block_size for r in requests)
-    return own + sum(segments.values())
+    if not len(samples.order):
+        return 0
+    tree, bs = plan.tree, plan.block_size
+    plan_end, shared_end = segment_ends(plan, samples, sample_sharing)
+    used = np.zeros(len(tree), dtype=bool)
+    deepest = tree.row_segment[samples.order]
+    used[deepest[deepest >= 0]] = True
+    for d in range(int(tree.depth.max(initial=1)), 1, -1):  # a used segment's parents are used
+        child = np.flatnonzero((tree.depth == d) & used)
+        used[tree.parent[child]] = True
+    segments = int(tree.lengths[used].sum()) + int((shared_end - plan_end).sum())
+    own = samples.n * (samples.lengths + samples.max_tokens - shared_end + bs)
+    return int(own.sum()) + segments

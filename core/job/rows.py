@@ -31,7 +31,7 @@ class Columns:
         return self.output_prefix + name
 
 
-@dataclass
+@dataclass(slots=True)  # no __dict__: a million rows are held for the whole job
 class Row:
     index: int  # 0-based position in the input; outputs are written back in this order
     id: str

@@ -47,6 +47,14 @@ class BlockPool:
             raise ValueError(f"block {block} is not allocated")
         self._refcount[block] += 1
 
+    def share_all(self, blocks: list[int]) -> None:
+        """``share`` each of ``blocks`` (a request attaching to a segment's blocks)."""
+        refcount = self._refcount
+        for block in blocks:
+            if refcount[block] < 1:
+                raise ValueError(f"block {block} is not allocated")
+            refcount[block] += 1
+
     def release(self, blocks: list[int]) -> None:
         """Drop one holder from each block; blocks with no holder left become free."""
         for block in blocks:

@@ -16,6 +16,13 @@ class SchedulerConfig:
     # Waiting requests admission looks past when they wait for a segment being written.
     max_skipped: int = 256
 
+    @property
+    def lookahead(self) -> int:
+        """Waiting requests that make admission decide as if every request were queued: a
+        step admits at most ``token_budget`` requests (each gets >= 1 token) and looks past at
+        most ``max_skipped``, so it never reaches further down the queue than this."""
+        return self.token_budget + self.max_skipped
+
     def __post_init__(self) -> None:
         if self.token_budget < 1:
             raise ValueError(f"token budget must be >= 1, got {self.token_budget}")

@@ -17,7 +17,7 @@ holds one reference) and shared with the writer.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from batchrun.core.sched.block_pool import BlockPool
 from batchrun.core.sched.request import Request
@@ -40,6 +40,10 @@ class KVManager:
 
     # -- segments ----------------------------------------------------------------------
 
+    def announce(self, users_of: Callable[[int], int]) -> None:
+        """Each segment key's number of users, known ahead (requests then register lazily)."""
+        self.prefixes.announce(users_of)
+
     def register(self, request: Request) -> None:
         """Count ``request`` as a user of each of its segments (before it is scheduled)."""
         for ref in request.segments:
@@ -60,9 +64,9 @@ class KVManager:
         the segments not yet complete."""
         chain = self.prefixes.chain(_keys(request))
         for segment in chain:
-            for block in segment.block_ids[: self.blocks_for(min(upto, segment.end) - segment.start)]:
-                self.pool.share(block)
-                request.block_ids.append(block)
+            blocks = segment.block_ids[: self.blocks_for(min(upto, segment.end) - segment.start)]
+            self.pool.share_all(blocks)
+            request.block_ids.extend(blocks)
             if segment.end >= upto:
                 break
         rest = [s for s in chain if not s.complete]
