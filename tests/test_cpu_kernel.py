@@ -51,7 +51,7 @@ shapes = st.fixed_dictionaries(
         "block_size": st.sampled_from([1, 7, 16, 64]),
         "num_kv_heads": st.sampled_from([1, 2]),
         "gqa": st.sampled_from([1, 2, 4, 8]),
-        "head_dim": st.sampled_from([16, 64, 80]),
+        "head_dim": st.sampled_from([16, 32, 64, 80, 128]),
         "dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
         "seqs": st.lists(  # (context length, query length)
             st.integers(1, 150).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))),

@@ -1,6 +1,6 @@
 """Compile the CPU attention kernel once per machine and load it with ctypes.
 
-The kernel is one C++ file with no dependency beyond the compiler's OpenMP (no torch
+The kernel is one C++ file and a header with no dependency beyond the compiler's OpenMP (no torch
 headers, so it builds in about a second, not the minute a ``torch.utils.cpp_extension``
 build of the same code takes). It is compiled with ``-march=native`` for the CPU it runs
 on, into a cache keyed by the source, the compiler, its flags and the CPU's instruction
@@ -27,6 +27,7 @@ from pathlib import Path
 from batchrun.kernels.backend import BackendUnavailable
 
 SOURCE = Path(__file__).with_name("paged_attention.cpp")
+HEADERS = (Path(__file__).with_name("microkernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300
 
@@ -69,6 +70,8 @@ def load() -> ctypes.CDLL:
 
 def _build_key(cxx: str) -> str:
     digest = hashlib.sha256(SOURCE.read_bytes())
+    for header in HEADERS:
+        digest.update(header.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_compiler_version(cxx).encode())
     digest.update(_cpu_flags().encode())
