@@ -77,7 +77,6 @@ struct Unit {
   int32_t kv_head;
 };
 
-
 template <typename T, typename OutT, int kD>
 void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scratch) {
   // the register-blocked micro-kernels: head dims 32, 64 and multiples of 64
