@@ -1,7 +1,7 @@
 """Reference paged attention in plain torch: always importable, runs on CPU.
 
-This is the oracle the Triton and FlashAttention backends are tested against, and the
-backend batchrun uses on CPU. ``build`` plans the step once: the plan's decode groups
+This is the oracle the CPU and Triton backends are tested against, and what ``auto`` falls
+back to where their kernels cannot run. ``build`` plans the step once: the plan's decode groups
 whose shared prefix is worth reading once (cascade.py), one batched call for the other
 decodes, and each prefill chunk's blocks; every layer then gathers its keys through those
 index tensors and runs torch's fused scaled-dot-product attention.
