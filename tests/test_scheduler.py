@@ -20,11 +20,13 @@ def scheduler(pool: BlockPool, token_budget: int, reserve_full: bool = False) ->
     return Scheduler(KVManager(pool, BLOCK_SIZE), SchedulerConfig(token_budget, reserve_full))
 
 
-def test_pool_hands_out_lowest_ids_and_reuses_freed_ones_last():
-    pool = BlockPool(4)
+def test_pool_reuses_the_most_recently_freed_ids_before_unused_ones():
+    pool = BlockPool(5)
     assert [pool.allocate() for _ in range(3)] == [0, 1, 2]
     pool.release([1])
-    assert pool.allocate() == 3 and pool.allocate() == 1
+    pool.release([0])
+    # freed ids come back most recent first (warm, already-touched memory), then fresh ones
+    assert [pool.allocate() for _ in range(4)] == [0, 1, 3, 4]
     with pytest.raises(OutOfBlocks):
         pool.allocate()
 
@@ -183,17 +185,14 @@ def test_preemption_frees_the_newest_request_and_keeps_outputs():
         step = sched.schedule()
         complete(sched, step)
     # ... until a needs a third block: b, the newest, is preempted (blocks 1 and 3 freed,
-    # its 5 sampled tokens kept for the recomputation) and a takes block 1.
+    # its 5 sampled tokens kept for the recomputation) and a takes block 3, the last freed.
     assert sched.num_preemptions == 1 and b.num_preemptions == 1
     assert len(b.output_ids) == 5 and b.num_computed_tokens == 0 and list(sched.waiting) == [b]
-    assert a.block_ids == [0, 2, 1] and pool.num_used == 3
+    assert a.block_ids == [0, 2, 3] and pool.num_used == 3
     sched.finish(a)
     step = sched.schedule()  # b recomputes its prompt and the tokens it had sampled
-    assert rows(sched, step, "num_tokens") == [(1, 9)] and b.block_ids == [
-        3,
-        0,
-        2,
-    ]  # freed ids are reused last
+    # freed ids are reused most recent first: a's blocks, released in order, come back reversed
+    assert rows(sched, step, "num_tokens") == [(1, 9)] and b.block_ids == [3, 2, 0]
 
 
 def test_a_request_that_can_never_fit_is_refused():

@@ -7,6 +7,7 @@ so that a kernel reading past a sequence's last block reads memory no request ow
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -50,15 +51,36 @@ class KVCacheSpec:
 
 class KVCache:
     """Per-layer K and V tensors, each ``(num_blocks + 1, block_size, num_kv_heads, head_dim)``:
-    ``num_blocks`` allocatable blocks, then the null block."""
+    ``num_blocks`` allocatable blocks, then the null block. Every element starts at zero.
+
+    On CPU the tensors are views of one anonymous memory mapping, whose pages the OS hands
+    out (zeroed) when they are first written: the pool costs resident memory only for the
+    blocks ever used, and the block pool reuses freed blocks first, so a pool sized for a
+    whole job costs what its peak use costs.
+    """
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, device: torch.device) -> None:
         shape = (num_blocks + 1, spec.block_size, spec.num_kv_heads, spec.head_dim)
         self.spec = spec
         self.num_blocks = num_blocks  # allocatable; the pool hands out ids below this
         self.null_block = num_blocks
-        self.keys = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
-        self.values = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        if device.type == "cpu":
+            tensors = _zero_pages(2 * spec.num_layers, shape, spec.dtype)
+        else:
+            tensors = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(2 * spec.num_layers)]
+        self.keys = tensors[: spec.num_layers]
+        self.values = tensors[spec.num_layers :]
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
+
+
+def _zero_pages(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    """``count`` zero tensors of ``shape`` backed by one anonymous mapping (touched lazily;
+    the tensors keep the mapping alive)."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    mapping = mmap.mmap(-1, count * numel * dtype.itemsize)
+    flat = torch.frombuffer(mapping, dtype=dtype)
+    return [flat[i * numel : (i + 1) * numel].view(shape) for i in range(count)]

@@ -9,19 +9,18 @@ which pads block tables and is never written for a real token.
 
 from __future__ import annotations
 
-from collections import deque
-
-
 class OutOfBlocks(RuntimeError):
     pass
 
 
 class BlockPool:
-    """Hands out block ids ``0 .. num_blocks - 1``; lowest ids first, freed ids reused last."""
+    """Hands out block ids ``0 .. num_blocks - 1``: the most recently freed first (still warm
+    in the CPU's caches; and the pool's memory is touched only up to its peak use), then
+    never-used ids, lowest first."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: list[int] = list(range(num_blocks - 1, -1, -1))  # a stack: pop() is next
         self._refcount = [0] * num_blocks
         self.peak_used = 0
 
@@ -36,7 +35,7 @@ class BlockPool:
     def allocate(self) -> int:
         if not self._free:
             raise OutOfBlocks(f"all {self.num_blocks} KV blocks are in use")
-        block = self._free.popleft()
+        block = self._free.pop()
         self._refcount[block] = 1
         self.peak_used = max(self.peak_used, self.num_used)
         return block
