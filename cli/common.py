@@ -48,6 +48,7 @@ class Order(str, Enum):
 class Backend(str, Enum):
     auto = "auto"
     cpu = "cpu"
+    flash = "flash"
     torch = "torch"
     triton = "triton"
 

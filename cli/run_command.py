@@ -136,7 +136,10 @@ def run(
     chat_template_kwargs: ChatTemplateKwargs = None,
     attention_backend: Annotated[
         Backend,
-        typer.Option(help="Attention kernels: auto picks for the device (logged, and kept in the report)."),
+        typer.Option(
+            help="Attention kernels: auto picks for the device (logged, and kept in the report); "
+            "flash: FlashAttention through torch's varlen_attn (CUDA, fp16/bf16)."
+        ),
     ] = Backend.auto,
     block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
     token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,

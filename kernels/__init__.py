@@ -1,8 +1,9 @@
 """Attention backends, registered by name and imported lazily.
 
 ``get_backend("torch")`` always works; GPU backends import their libraries inside the
-factory, so a machine without Triton or flash-attn never imports them. Every backend
-implements ``AttentionBackend`` (backend.py).
+factory, so a machine without Triton never imports it (nor the flash backend's
+``torch.nn.attention.varlen`` until asked for). Every backend implements
+``AttentionBackend`` (backend.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,21 @@ def _triton_backend(cascade_min_saved_tokens: int | None = None, **_) -> Attenti
     return TritonBackend(cascade_min_saved_tokens)
 
 
+def _flash_backend(cascade_min_saved_tokens: int | None = None, kernel=None, **_) -> AttentionBackend:
+    try:
+        from batchrun.kernels.flash_backend import FlashBackend  # imports torch.nn.attention.varlen
+    except ImportError as exc:
+        import torch
+
+        raise BackendUnavailable(
+            f"needs torch.nn.attention.varlen, which torch {torch.__version__} lacks ({exc})"
+        ) from exc
+
+    if cascade_min_saved_tokens is None:
+        return FlashBackend(kernel=kernel)
+    return FlashBackend(cascade_min_saved_tokens, kernel=kernel)
+
+
 def _cpu_backend(cascade_min_saved_tokens: int | None = None, **_) -> AttentionBackend:
     from batchrun.kernels.cpu_backend import CpuBackend  # builds the kernel on first use
 
@@ -51,6 +67,7 @@ def _cpu_backend(cascade_min_saved_tokens: int | None = None, **_) -> AttentionB
 
 _FACTORIES: dict[str, Callable[..., AttentionBackend]] = {
     "cpu": _cpu_backend,
+    "flash": _flash_backend,
     "torch": _torch_backend,
     "triton": _triton_backend,
 }
@@ -61,8 +78,9 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str, **options) -> AttentionBackend:
-    """The backend registered as ``name``, built with its ``options`` (e.g. the torch
-    backend's ``cascade_min_saved_tokens``); ``BackendUnavailable`` if it cannot run here."""
+    """The backend registered as ``name``, built with its ``options`` (e.g.
+    ``cascade_min_saved_tokens``; the flash backend's ``kernel``, a ``VarlenKernel``);
+    ``BackendUnavailable`` if it cannot run here."""
     try:
         factory = _FACTORIES[name]
     except KeyError:

@@ -34,6 +34,7 @@ class BackendCapabilities:
     softcap: bool = True  # Gemma 2 style tanh soft-capping of scores
     sliding_window: bool = True
     shared_prefix: bool = False  # reads a first-level group's prefix once for all its members
+    in_place: bool = True  # reads the paged KV cache through the block tables (False: gathers copies)
 
     def unsupported(
         self,

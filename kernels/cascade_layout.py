@@ -4,7 +4,7 @@ A first-level group of the plan is *split* when every member's queries of this s
 after the group's shared prefix (decodes and prefill chunks alike; not the member still
 computing the prefix): its prefix keys are then read once for all the members' query rows,
 and each member reads only its own keys after the prefix. The two parts are merged by
-log-sum-exp. Used by the Triton and the CPU backends, whose kernels read this layout.
+log-sum-exp. Used by the Triton, CPU and flash backends, whose kernels read this layout.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class CascadeLayout:
     group_prefix_len: torch.Tensor  # (G,) int32: prefix tokens (a multiple of block_size)
     kv_start: torch.Tensor  # (S,) int32: the prefix length for grouped sequences, else 0
     max_group_rows: int
+    # Host copies, so a backend can size its calls without a device sync.
+    kv_start_host: tuple[int, ...]  # (S,)
+    group_prefix_len_host: tuple[int, ...]  # (G,)
 
 
 def cascade_layout(meta: AttentionMetadata, min_saved_tokens: int) -> CascadeLayout | None:
@@ -59,11 +62,14 @@ def cascade_layout(meta: AttentionMetadata, min_saved_tokens: int) -> CascadeLay
     def int32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
+    prefix_lens = [prefix_len for prefix_len, _ in chosen]
     return CascadeLayout(
         group_rows=int32(rows),
         cu_group_rows=int32(cu),
         group_tables=tables,
-        group_prefix_len=int32([prefix_len for prefix_len, _ in chosen]),
+        group_prefix_len=int32(prefix_lens),
         kv_start=int32(kv_start),
         max_group_rows=max(cu[g + 1] - cu[g] for g in range(len(chosen))),
+        kv_start_host=tuple(kv_start),
+        group_prefix_len_host=tuple(prefix_lens),
     )

@@ -75,6 +75,7 @@ class TorchBackend(AttentionBackend):
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
         shared_prefix=True,
+        in_place=False,  # gathers each sequence's blocks into a dense copy
     )
 
     def __init__(self, cascade_min_saved_tokens: int = CASCADE_MIN_SAVED_TOKENS) -> None:

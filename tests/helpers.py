@@ -90,10 +90,11 @@ def run_engine(
     n=1,
     seed=None,
     wrap_runner=None,
+    backend=None,
     **engine_kwargs,
 ):
     """Plan the prompts, run the plan's requests, check nothing leaked; tokens per row
-    (per sample with ``n > 1``)."""
+    (per sample with ``n > 1``). ``backend``: an attention backend built by the test."""
     config = EngineConfig(**engine_kwargs)
     tokens = PromptTokens.from_lists(prompts)
     plan = build_plan(
@@ -113,7 +114,7 @@ def run_engine(
         )
         for i, m in enumerate(max_tokens)
     ]
-    engine = build_engine(loaded, config)
+    engine = build_engine(loaded, config, backend=backend)
     if wrap_runner is not None:  # e.g. to pass every message through pickle
         engine.runner.execute = wrap_runner(engine.runner.execute)
     done = {}

@@ -2,8 +2,10 @@
 
 ``auto`` prefers the device's fast backend — Triton on CUDA, the compiled in-place kernel on
 CPU — when it can run here and supports the model, else the torch reference, which runs
-everything. A backend named with ``--attention-backend`` must run the model, or the job
-stops before any work saying why.
+everything. A backend named with ``--attention-backend`` (or handed over built, through the
+Python API) must run the model, or the job stops before any work saying why. The flash
+backend is never auto's choice: it is unmeasured on a GPU, and on a torch whose
+``varlen_attn`` cannot read the paged cache in place it gathers copies.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ DESCRIPTION = {"triton": "Triton kernels on CUDA", "cpu": "the in-place CPU kern
 
 
 def choose_backend(
-    config: EngineConfig, loaded: LoadedModel, spec: KVCacheSpec
+    config: EngineConfig, loaded: LoadedModel, spec: KVCacheSpec, given: AttentionBackend | None = None
 ) -> tuple[AttentionBackend, str]:
-    """The attention backend for this model and device, and why it was chosen."""
+    """The attention backend for this model and device, and why it was chosen; ``given``, a
+    backend built by the caller, is checked and taken instead of ``config``'s name."""
     text = loaded.model.config.get_text_config()
     needs = dict(
         device=loaded.device,
@@ -33,15 +36,18 @@ def choose_backend(
         gqa_group=text.num_attention_heads // spec.num_kv_heads,
     )
     options = {"cascade_min_saved_tokens": config.cascade_min_saved_tokens}
-    if config.attention_backend != "auto":
+    if given is not None or config.attention_backend != "auto":
         try:
-            backend = get_backend(config.attention_backend, **options)
+            backend = given if given is not None else get_backend(config.attention_backend, **options)
         except BackendUnavailable as exc:
             raise InputError(_refused(config.attention_backend, str(exc))) from exc
         reason = backend.capabilities.unsupported(**needs)
         if reason is not None:
             raise InputError(_refused(backend.name, reason))
-        return backend, "chosen with --attention-backend"
+        why = "given by the caller" if given is not None else "chosen with --attention-backend"
+        if not backend.capabilities.in_place:
+            why += " (it gathers copies of the blocks: it does not read the paged KV cache in place)"
+        return backend, why
     device = loaded.device.type
     preferred = PREFERRED.get(device)
     if preferred is None:

@@ -34,6 +34,7 @@ from batchrun.core.sched.kv_manager import KVManager
 from batchrun.core.sched.messages import StepPlan, StepResult
 from batchrun.core.sched.request import Request
 from batchrun.core.sched.scheduler import Scheduler
+from batchrun.kernels import AttentionBackend
 
 
 class Engine:
@@ -166,16 +167,23 @@ class Engine:
         return Completion(request.row, [], "", "error", message, sample_index=request.sample_index)
 
 
-def build_engine(loaded: LoadedModel, config: EngineConfig, useful_tokens: int | None = None) -> Engine:
+def build_engine(
+    loaded: LoadedModel,
+    config: EngineConfig,
+    useful_tokens: int | None = None,
+    backend: AttentionBackend | None = None,
+) -> Engine:
     """Size the KV cache for ``loaded`` within the budget and wire up an engine.
 
     ``useful_tokens`` (the sum of prompt + max_tokens over the job) caps the cache, so a
-    small job does not allocate gigabytes it can never touch.
+    small job does not allocate gigabytes it can never touch. ``backend``, an attention
+    backend built by the caller, replaces ``config.attention_backend`` (it must still
+    support the model).
     """
     spec = KVCacheSpec.from_config(loaded.model.config, loaded.dtype, config.block_size)
     budget = kv_cache_bytes(loaded.device, config.kv_cache_bytes)
     kv_cache = KVCache(spec, num_blocks_for(spec, budget, useful_tokens), loaded.device)
-    backend, why = choose_backend(config, loaded, spec)
+    backend, why = choose_backend(config, loaded, spec, given=backend)
     runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids)
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker, backend_choice=why)
