@@ -64,10 +64,11 @@ class KVCache:
         self.spec = spec
         self.num_blocks = num_blocks  # allocatable; the pool hands out ids below this
         self.null_block = num_blocks
+        count = 2 * spec.num_layers
         if device.type == "cpu":
-            tensors = _zero_pages(2 * spec.num_layers, shape, spec.dtype)
+            tensors = _zero_pages(count, shape, spec.dtype)
         else:
-            tensors = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(2 * spec.num_layers)]
+            tensors = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(count)]
         self.keys = tensors[: spec.num_layers]
         self.values = tensors[spec.num_layers :]
 

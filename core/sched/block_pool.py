@@ -9,6 +9,7 @@ which pads block tables and is never written for a real token.
 
 from __future__ import annotations
 
+
 class OutOfBlocks(RuntimeError):
     pass
 
