@@ -13,8 +13,9 @@ from rich.console import Console
 from batchrun.cli.progress import ConsoleObserver
 from batchrun.core.job.config import StepStats
 from batchrun.core.job.rows import RowResult
+from batchrun.core.runner.model_loader import load_model
 
-from helpers import SAMPLE_JOBS, run_cli
+from helpers import SAMPLE_JOBS, run_cli, run_engine
 
 
 def flat(text):
@@ -27,12 +28,13 @@ def test_heartbeat_comes_from_the_clock_not_from_finished_rows():
     observer = ConsoleObserver(console, log_every=3, clock=lambda: now[0])
     observer.started(4, prompt_tokens=100, expected_output_tokens=400)
     now[0] = 2.0
-    observer.step(StepStats(prefill_tokens=100, decode_tokens=20, kv_blocks_used=5, kv_blocks=9))
+    observer.step(StepStats(100, 20, kv_blocks_used=5, kv_blocks=9, output_tokens=24))
     assert console.file.getvalue() == ""  # not yet due
     now[0] = 4.0
-    observer.step(StepStats(prefill_tokens=100, decode_tokens=40, kv_blocks_used=6, kv_blocks=9))
+    observer.step(StepStats(100, 40, kv_blocks_used=6, kv_blocks=9, output_tokens=44))
     lines = console.file.getvalue().splitlines()
-    assert len(lines) == 1 and "rows 0/4" in lines[0] and "10.0 output tok/s" in lines[0]
+    # output tokens: 40 decoded + the 4 that the prompts' last positions sampled, over 4 s
+    assert len(lines) == 1 and "rows 0/4" in lines[0] and "11.0 output tok/s" in lines[0]
     # 360 tokens left (4 rows x 100 expected - 40 decoded) at 140 tokens / 4 s
     assert "ETA 10s" in lines[0] and "KV 6/9 blocks" in lines[0]
     now[0] = 5.0
@@ -48,6 +50,25 @@ def test_heartbeat_comes_from_the_clock_not_from_finished_rows():
     assert "rows 4/4" in console.file.getvalue().splitlines()[-1]  # the last row always reports
 
 
+def test_output_tokens_count_what_prompts_sample_with_no_decode_at_all():
+    """``--max-tokens 1``: every row's one token comes from its prompt's last position, so no
+    position is decoded, and the output rate is still the rows' tokens, not zero."""
+    now = [0.0]
+    console = Console(file=io.StringIO(), force_terminal=False, width=200)
+    observer = ConsoleObserver(console, log_every=0, clock=lambda: now[0])
+    observer.started(10, prompt_tokens=500, expected_output_tokens=10)
+    now[0] = 2.0
+    observer.step(StepStats(prefill_tokens=300, decode_tokens=0, output_tokens=6))
+    assert "3.0 output tok/s" in console.file.getvalue().splitlines()[-1]
+
+
+def test_engine_counts_every_sampled_token(tiny_llama):
+    loaded = load_model(tiny_llama, device="cpu", dtype="float32")
+    _, engine = run_engine(loaded, [[5, 6, 7], [5, 6, 8, 9]], max_tokens=[1, 3])
+    # 1 + 3 tokens sampled; only the second row's last 2 came from decoded positions
+    assert engine.stats.sampled_tokens == 4 and engine.stats.decode_tokens == 2
+
+
 def test_resumed_rows_do_not_inflate_the_throughput():
     now = [0.0]
     console = Console(file=io.StringIO(), force_terminal=False, width=200)
@@ -55,7 +76,7 @@ def test_resumed_rows_do_not_inflate_the_throughput():
     observer.started(10, prompt_tokens=50, expected_output_tokens=50)
     observer.rows_resumed(8)
     now[0] = 2.0
-    observer.step(StepStats(prefill_tokens=50, decode_tokens=10))
+    observer.step(StepStats(prefill_tokens=50, decode_tokens=10, output_tokens=10))
     last = console.file.getvalue().splitlines()[-1]
     assert "rows 8/10 (0 failed, 8 resumed)" in last and "5.0 output tok/s" in last
 

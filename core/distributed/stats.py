@@ -16,6 +16,7 @@ _SUMMED = (
     "prompt_tokens",
     "prefill_tokens",
     "decode_tokens",
+    "sampled_tokens",
     "cached_prompt_tokens",
     "finished_prompt_tokens",
     "steps",

@@ -87,6 +87,7 @@ class Engine:
             plan = self.scheduler.schedule()
             result = self.runner.execute(plan)
             self._account(plan)
+            self.stats.sampled_tokens += len(result.token_ids)
             self.scheduler.computed(plan)
             if on_step is not None:
                 on_step(self.stats)

@@ -23,6 +23,7 @@ class EngineStats:
     prompt_tokens: int = 0  # over all requests (a row sampled n times counts n times)
     prefill_tokens: int = 0  # prompt positions computed, recomputation after preemption included
     decode_tokens: int = 0  # positions after the prompt computed
+    sampled_tokens: int = 0  # output tokens sampled (a prompt's last position samples one too)
     cached_prompt_tokens: int = 0  # prompt positions read from shared blocks instead
     finished_prompt_tokens: int = 0  # prompt tokens of the requests finished so far
     steps: int = 0

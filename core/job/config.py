@@ -52,6 +52,7 @@ class StepStats:
     kv_blocks_used: int = 0
     kv_blocks: int = 0
     live_saving: float = 0.0  # share of finished rows' prompt tokens read from shared blocks
+    output_tokens: int = 0  # output tokens sampled so far (with max_tokens 1: one per row, no decode)
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,7 @@ def step_stats(stats: EngineStats) -> StepStats:
         stats.kv_blocks_used,
         stats.num_blocks,
         stats.live_saving,
+        output_tokens=stats.sampled_tokens,
     )
 
 
