@@ -10,9 +10,13 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
 namespace batchrun_cpu {
 
-constexpr int kTileRows = 16;    // query rows per work unit (x G heads each)
+constexpr int kTileRows = 32;    // query rows per work unit (x G heads each)
 constexpr int kKeyChunk = 32;    // keys converted and scored at a time
 constexpr int kTransposeMinVectors = 8;
 constexpr int kMaxHeadDim = 256;
@@ -69,6 +73,50 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));
 inline v16 vload(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void vstore(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 
+typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+
+// exp_nonpositive on 16 lanes, written with vector operations because the compiler does not
+// vectorise the scalar one inside the softmax's masked loops. Rounds t to nearest by adding
+// and subtracting 1.5 * 2^23 (exact for |t| < 2^22), where the scalar version floors t + 1/2:
+// both leave |f| <= 1/2, and the results agree to float32 rounding.
+inline v16 vexp_nonpositive(v16 x) {
+  const v16 lowest = v16{} - 87.0f;
+  x = x < lowest ? lowest : x;
+  const v16 t = x * 1.44269504088896341f;
+  const v16 n = (t + 12582912.0f) - 12582912.0f;
+  const v16 f = t - n;
+  v16 p = f * 1.5403530393381609e-4f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
+  return p * reinterpret_cast<const v16&>(bits);
+}
+
+// One query vector's scores for a chunk (row[j], already scaled) become probabilities
+// against the running max: keys j0 <= j < j1 are visible (j0 < j1), the rest become 0.
+// Returns the new running max (max of m_old and the visible scores) and the probabilities'
+// sum.
+inline void chunk_probabilities(float* row, int j0, int j1, float m_old, float& m_new, float& sum) {
+  static_assert(kKeyChunk == 32, "two vectors per row");
+  const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vi16 seen0 = (lane >= j0) & (lane < j1), seen1 = (lane + 16 >= j0) & (lane + 16 < j1);
+  const v16 none = v16{} + kNegInf;
+  const v16 s0 = seen0 ? vload(row) : none, s1 = seen1 ? vload(row + 16) : none;
+  const v16 top = s0 > s1 ? s0 : s1;
+  float chunk_max = kNegInf;
+  for (int j = 0; j < 16; ++j) chunk_max = std::max(chunk_max, top[j]);
+  m_new = std::max(m_old, chunk_max);
+  const v16 zero = {};
+  const v16 p0 = seen0 ? vexp_nonpositive(s0 - m_new) : zero, p1 = seen1 ? vexp_nonpositive(s1 - m_new) : zero;
+  vstore(row, p0), vstore(row + 16, p1);
+  const v16 both = p0 + p1;
+  sum = 0.f;
+  for (int j = 0; j < 16; ++j) sum += both[j];
+}
+
 // s[i][j] = q_i . k_j for the group's 4 query vectors (rows of q, stride kD) and the chunk's
 // 32 keys (kt: transposed, (kD, 32)); 8 accumulator registers, each key row loaded once.
 template <int kD>
@@ -118,5 +166,83 @@ inline void group_accumulate(
       for (int b = 0; b < kVecs; ++b) vstore(acc + i * kD + c + 16 * b, o[i][b]);
   }
 }
+
+#if defined(__AVX512BF16__)
+constexpr bool kHaveBf16Dot = true;
+
+// The bf16 twin of group_scores, for CPUs with AVX-512 BF16 (what -march=native enables where
+// the CPU has it): q (4 vectors, stride kD / 2) and the chunk's keys (kp: (kD / 2, 32)) are
+// bfloat16 *pairs* — dims 2d and 2d+1 in one 32-bit word — and each dot-product instruction
+// multiplies a broadcast query pair with 16 keys' pairs, accumulating in float32: half the
+// instructions of the float32 path, and keys are repacked, not converted. Products of bf16
+// are exact in float32, so scores match the float32 path's up to summation order.
+template <int kD>
+inline void group_scores_bf16(const uint32_t* __restrict__ q, const uint32_t* __restrict__ kp, float (*s)[kKeyChunk]) {
+  static_assert(kKeyChunk == 32 && kD % 2 == 0, "two vectors of keys per pair row");
+  constexpr int kPairs = kD / 2;
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0;
+  for (int d = 0; d < kPairs; ++d) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + d * kKeyChunk);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + d * kKeyChunk + 16);
+    const __m512bh q0 = (__m512bh)_mm512_set1_epi32(int32_t(q[d]));
+    const __m512bh q1 = (__m512bh)_mm512_set1_epi32(int32_t(q[kPairs + d]));
+    const __m512bh q2 = (__m512bh)_mm512_set1_epi32(int32_t(q[2 * kPairs + d]));
+    const __m512bh q3 = (__m512bh)_mm512_set1_epi32(int32_t(q[3 * kPairs + d]));
+    a0 = _mm512_dpbf16_ps(a0, q0, k0), a1 = _mm512_dpbf16_ps(a1, q0, k1);
+    b0 = _mm512_dpbf16_ps(b0, q1, k0), b1 = _mm512_dpbf16_ps(b1, q1, k1);
+    c0 = _mm512_dpbf16_ps(c0, q2, k0), c1 = _mm512_dpbf16_ps(c1, q2, k1);
+    e0 = _mm512_dpbf16_ps(e0, q3, k0), e1 = _mm512_dpbf16_ps(e1, q3, k1);
+  }
+  _mm512_storeu_ps(s[0], a0), _mm512_storeu_ps(s[0] + 16, a1);
+  _mm512_storeu_ps(s[1], b0), _mm512_storeu_ps(s[1] + 16, b1);
+  _mm512_storeu_ps(s[2], c0), _mm512_storeu_ps(s[2] + 16, c1);
+  _mm512_storeu_ps(s[3], e0), _mm512_storeu_ps(s[3] + 16, e1);
+}
+
+// The bf16 twin of group_accumulate: acc_i = alpha_i acc_i + sum_j p[i][j] v_j with the
+// probabilities rounded to bf16 (as FlashAttention does before its P.V product; the softmax
+// sum l stays float32) and the chunk's values as pairs of *keys* per word (vp: (16, kD),
+// word (j, d) = keys 2j and 2j+1 at dim d), so one instruction adds two keys' terms to 16 dims.
+template <int kD>
+inline void group_accumulate_bf16(
+    float* __restrict__ acc, const uint32_t* __restrict__ vp, const float (*p)[kKeyChunk], const float* alpha,
+    int first, int last) {
+  constexpr int kCols = kD < 64 ? kD : 64, kVecs = kCols / 16;
+  static_assert(kCols % 16 == 0 && kD % kCols == 0, "whole column blocks");
+  alignas(64) uint32_t pp[kGroup][kKeyChunk / 2];  // each vector's probabilities, key pairs
+  for (int i = 0; i < kGroup; ++i)
+    _mm512_storeu_si512(pp[i], (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p[i] + 16), _mm512_loadu_ps(p[i])));
+  const int pair_first = first / 2, pair_last = (last + 1) / 2;
+  for (int c = 0; c < kD; c += kCols) {
+    __m512 o[kGroup][kVecs];
+#pragma GCC unroll 4
+    for (int i = 0; i < kGroup; ++i)
+#pragma GCC unroll 4
+      for (int b = 0; b < kVecs; ++b) o[i][b] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * kD + c + 16 * b), _mm512_set1_ps(alpha[i]));
+    for (int j = pair_first; j < pair_last; ++j) {
+      __m512bh w[kVecs];
+#pragma GCC unroll 4
+      for (int b = 0; b < kVecs; ++b) w[b] = (__m512bh)_mm512_loadu_si512(vp + j * kD + c + 16 * b);
+#pragma GCC unroll 4
+      for (int i = 0; i < kGroup; ++i) {
+        const __m512bh pij = (__m512bh)_mm512_set1_epi32(int32_t(pp[i][j]));
+#pragma GCC unroll 4
+        for (int b = 0; b < kVecs; ++b) o[i][b] = _mm512_dpbf16_ps(o[i][b], pij, w[b]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < kGroup; ++i)
+#pragma GCC unroll 4
+      for (int b = 0; b < kVecs; ++b) _mm512_storeu_ps(acc + i * kD + c + 16 * b, o[i][b]);
+  }
+}
+#else
+constexpr bool kHaveBf16Dot = false;
+
+template <int kD>
+inline void group_scores_bf16(const uint32_t*, const uint32_t*, float (*)[kKeyChunk]) {}
+template <int kD>
+inline void group_accumulate_bf16(float*, const uint32_t*, const float (*)[kKeyChunk], const float*, int, int) {}
+#endif
 
 }  // namespace batchrun_cpu

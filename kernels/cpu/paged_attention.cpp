@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "microkernels.h"
@@ -81,6 +82,8 @@ template <typename T, typename OutT, int kD>
 void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scratch) {
   // the register-blocked micro-kernels: head dims 32, 64 and multiples of 64
   constexpr bool kBlocked = kD == 32 || (kD > 0 && kD % 64 == 0);
+  // bf16 scores by dot-product instructions where the CPU has them (microkernels.h)
+  constexpr bool kBf16Dot = kBlocked && kHaveBf16Dot && std::is_same_v<T, uint16_t>;
   const int D = kD ? kD : a.head_dim, G = a.num_q_heads / a.num_kv_heads, B = a.block_size;
   const int nvec = u.count * G;                            // query vectors in the tile
   const int padded = (nvec + kGroup - 1) / kGroup * kGroup;  // ... rounded up to whole groups
@@ -104,12 +107,22 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
   // Many query vectors amortise transposing each key chunk (prefill tiles); few (a decode's
   // G heads) do not, and take dot products key by key.
   const bool transposed = nvec >= kTransposeMinVectors;
+  // ... and with bf16 dot products, queries and keys stay bf16, as pairs of dims per word:
+  // qp (padded, D / 2) over qf's memory, kp (D / 2, chunk) over kt's
+  const bool pairs = kBf16Dot && transposed;
+  uint32_t* qp = reinterpret_cast<uint32_t*>(qf);
+  uint32_t* kp = reinterpret_cast<uint32_t*>(kt);
+  uint32_t* vp = reinterpret_cast<uint32_t*>(vf);  // (chunk / 2, D): values, pairs of keys
   int32_t tile_lo = INT32_MAX, tile_hi = 0;
   for (int v = nvec; v < padded; ++v) {  // padding vectors see no key and are never written
     lo[v] = hi[v] = 0;
     m[v] = kNegInf;
     l[v] = 0.f;
-    for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = acc[size_t(v) * D + d] = 0.f;
+    for (int d = 0; d < D; ++d) acc[size_t(v) * D + d] = 0.f;
+    if (pairs)
+      for (int d = 0; d < D / 2; ++d) qp[size_t(v) * (D / 2) + d] = 0u;
+    else
+      for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = 0.f;
   }
   for (int r = 0; r < u.count; ++r) {
     const int32_t j = u.first + r;
@@ -124,7 +137,10 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       lo[v] = row_lo;
       hi[v] = row_hi;
       const int64_t at = int64_t(row) * q_row + int64_t(head) * D;
-      for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = load(q, at + d);
+      if (pairs)
+        std::memcpy(qp + size_t(v) * (D / 2), q + at, sizeof(uint32_t) * (D / 2));
+      else
+        for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = load(q, at + d);
       const float prior = a.prior_lse ? a.prior_lse[int64_t(row) * a.num_q_heads + head] : kNegInf;
       m[v] = prior;
       l[v] = prior == kNegInf ? 0.f : 1.f;
@@ -139,13 +155,28 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
     for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
       const int32_t p = k0 + j;
       const int64_t at = (int64_t(table[p / B]) * B + p % B) * kv_token + int64_t(u.kv_head) * D;
-      if (transposed)
+      if (pairs) {
+        uint32_t words[kMaxHeadDim / 2];
+        std::memcpy(words, kc + at, sizeof(uint32_t) * (D / 2));
+        for (int d = 0; d < D / 2; ++d) kp[size_t(d) * kKeyChunk + j] = words[d];
+        uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
+        for (int d = 0; d < D; ++d) pair_row[2 * d] = static_cast<const uint16_t*>(a.v_cache)[at + d];
+        continue;
+      } else if (transposed)
         for (int d = 0; d < D; ++d) kt[size_t(d) * kKeyChunk + j] = load(kc, at + d);
       else
         for (int d = 0; d < D; ++d) kt[size_t(j) * D + d] = load(kc, at + d);
       for (int d = 0; d < D; ++d) vf[size_t(j) * D + d] = load(vc, at + d);
     }
-    if (transposed)
+    if (pairs) {  // keys past the chunk's end score 0 and add nothing (finite zeros)
+      for (int d = 0; d < D / 2; ++d)
+        for (int j = kn; j < kKeyChunk; ++j) kp[size_t(d) * kKeyChunk + j] = 0u;
+      for (int j = kn; j < kKeyChunk; ++j) {
+        uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
+        for (int d = 0; d < D; ++d) pair_row[2 * d] = 0;
+      }
+    }
+    else if (transposed)
       for (int d = 0; d < D; ++d)
         for (int j = kn; j < kKeyChunk; ++j) kt[size_t(d) * kKeyChunk + j] = 0.f;
 
@@ -159,7 +190,9 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       if (first >= last) continue;  // no vector of the group sees this chunk
 
       // scores s[i][j] = q_i . k_j
-      if (kBlocked && transposed) {
+      if (pairs) {
+        group_scores_bf16<kBf16Dot ? kD : 64>(qp + size_t(v0) * (D / 2), kp, s);
+      } else if (kBlocked && transposed) {
         group_scores<kBlocked ? kD : 64>(qf + size_t(v0) * D, kt, s);
       } else if (transposed) {  // lanes over keys; each key row loaded once for the group
         for (int i = 0; i < kGroup; ++i)
@@ -199,24 +232,18 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
           for (int j = j0[i]; j < j1[i]; ++j) s[i][j] = std::tanh(s[i][j] * a.scale / a.softcap) * a.softcap;
         else
           for (int j = 0; j < kKeyChunk; ++j) s[i][j] *= a.scale;
-        float chunk_max = kNegInf;
-#pragma omp simd reduction(max : chunk_max)
-        for (int j = 0; j < kKeyChunk; ++j)
-          chunk_max = std::max(chunk_max, (j >= j0[i] && j < j1[i]) ? s[i][j] : kNegInf);
-        const float m_new = std::max(m[v], chunk_max);  // finite: the vector sees a key here
-        alpha[i] = m[v] == kNegInf ? 0.f : std::exp(m[v] - m_new);
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int j = 0; j < kKeyChunk; ++j) {
-          const float p = exp_nonpositive(std::min(s[i][j] - m_new, 0.f));
-          s[i][j] = (j >= j0[i] && j < j1[i]) ? p : 0.f;
-          sum += s[i][j];
-        }
+        float m_new, sum;  // m_new is finite: the vector sees a key here
+        chunk_probabilities(s[i], j0[i], j1[i], m[v], m_new, sum);
+        alpha[i] = m[v] == kNegInf ? 0.f : exp_nonpositive(m[v] - m_new);
         l[v] = l[v] * alpha[i] + sum;
         m[v] = m_new;
       }
 
       // acc += p . V, with the group's accumulators held in o across the chunk's keys
+      if (pairs) {
+        group_accumulate_bf16<kBf16Dot ? kD : 64>(acc + size_t(v0) * D, vp, s, alpha, first, last);
+        continue;
+      }
       if (kBlocked) {
         group_accumulate<kBlocked ? kD : 64>(acc + size_t(v0) * D, vf, s, alpha, first, last);
         continue;
