@@ -155,6 +155,13 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
     for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
       const int32_t p = k0 + j;
       const int64_t at = (int64_t(table[p / B]) * B + p % B) * kv_token + int64_t(u.kv_head) * D;
+      if (const int32_t ahead = p + kKeyChunk; ahead < tile_hi) {  // the next chunk's key j
+        const int64_t next = (int64_t(table[ahead / B]) * B + ahead % B) * kv_token + int64_t(u.kv_head) * D;
+        for (int64_t byte = 0; byte < int64_t(D) * int64_t(sizeof(T)); byte += 64) {
+          __builtin_prefetch(reinterpret_cast<const char*>(kc + next) + byte);
+          __builtin_prefetch(reinterpret_cast<const char*>(vc + next) + byte);
+        }
+      }
       if (pairs) {
         uint32_t words[kMaxHeadDim / 2];
         std::memcpy(words, kc + at, sizeof(uint32_t) * (D / 2));
