@@ -142,7 +142,10 @@ def run(
         ),
     ] = Backend.auto,
     block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
-    token_budget: Annotated[int, typer.Option(help="Max tokens packed into one engine step.")] = 2048,
+    token_budget: Annotated[
+        int | None,
+        typer.Option(help="Max tokens packed into one engine step [default: 2048 on CPU, 4096 on CUDA]."),
+    ] = None,
     kv_memory: Annotated[
         str | None,
         typer.Option(help=f"KV cache size: {SIZE_HELP}."),

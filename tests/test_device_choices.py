@@ -80,3 +80,11 @@ def test_a_named_backend_that_cannot_run_the_model_is_refused_before_any_work():
     fine = Gemma2Config(**COMMON, head_dim=16)
     backend, why = choose_backend(EngineConfig(attention_backend="triton"), fake_loaded(fine), spec(fine))
     assert backend.name == "triton" and why == "chosen with --attention-backend"
+
+
+def test_token_budget_defaults_per_device_and_an_explicit_one_wins():
+    from batchrun.core.engine.config import EngineConfig
+
+    assert EngineConfig().for_device("cpu").token_budget == 2048
+    assert EngineConfig().for_device("cuda").token_budget == 4096  # thousands of tokens per step on a GPU
+    assert EngineConfig(token_budget=96).for_device("cuda").token_budget == 96

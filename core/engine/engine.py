@@ -41,6 +41,7 @@ class Engine:
     def __init__(
         self, runner: ModelRunner, config: EngineConfig, stop_checker: StopChecker, backend_choice: str = ""
     ) -> None:
+        config = config.for_device(runner.device.type)  # the token budget, per device
         self.runner = runner
         self.kv = KVManager(BlockPool(runner.kv_cache.num_blocks), config.block_size)
         self.scheduler = Scheduler(self.kv, config.scheduler_config())
