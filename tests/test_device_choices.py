@@ -83,8 +83,6 @@ def test_a_named_backend_that_cannot_run_the_model_is_refused_before_any_work():
 
 
 def test_token_budget_defaults_per_device_and_an_explicit_one_wins():
-    from batchrun.core.engine.config import EngineConfig
-
     assert EngineConfig().for_device("cpu").token_budget == 2048
     assert EngineConfig().for_device("cuda").token_budget == 4096  # thousands of tokens per step on a GPU
     assert EngineConfig(token_budget=96).for_device("cuda").token_budget == 96
