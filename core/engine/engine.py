@@ -27,6 +27,7 @@ from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
 from batchrun.core.engine.stop import StopChecker, StopState
 from batchrun.core.runner.kv_budget import kv_cache_bytes, num_blocks_for
 from batchrun.core.runner.kv_cache import KVCache, KVCacheSpec
+from batchrun.core.runner.layer_overrides import cpu_layer_overrides
 from batchrun.core.runner.model_loader import LoadedModel
 from batchrun.core.runner.model_runner import ModelRunner
 from batchrun.core.sched.block_pool import BlockPool
@@ -186,6 +187,9 @@ def build_engine(
     budget = kv_cache_bytes(loaded.device, config.kv_cache_bytes)
     kv_cache = KVCache(spec, num_blocks_for(spec, budget, useful_tokens), loaded.device)
     backend, why = choose_backend(config, loaded, spec, given=backend)
-    runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids)
+    overrides = cpu_layer_overrides(loaded.model) if backend.name == "cpu" else None
+    if overrides:
+        why += f"; {overrides.description}"
+    runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids, overrides)
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker, backend_choice=why)

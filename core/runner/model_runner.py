@@ -16,6 +16,7 @@ import torch
 from batchrun.core.runner.attention_hook import StepContext
 from batchrun.core.runner.input_batch import InputBatch, StepInputs
 from batchrun.core.runner.kv_cache import KVCache
+from batchrun.core.runner.layer_overrides import LayerOverrides
 from batchrun.core.runner.sampler import sample, token_logprobs
 from batchrun.core.runner.staging import HostStaging
 from batchrun.core.sched.messages import StepPlan, StepResult
@@ -29,8 +30,10 @@ class ModelRunner:
         kv_cache: KVCache,
         backend: AttentionBackend,
         eos_token_ids: tuple[int, ...] = (),
+        overrides: LayerOverrides | None = None,
     ) -> None:
         self.model = model
+        self.overrides = overrides or LayerOverrides()  # layers run by batchrun's kernels
         self.eos_token_ids = eos_token_ids  # masked while a row is below its min_tokens
         self.kv_cache = kv_cache
         self.backend = backend
@@ -48,13 +51,14 @@ class ModelRunner:
             inputs, self.kv_cache.null_block, self.kv_cache.spec.block_size, self._staging
         )
         state = self.backend.build(meta)
-        out = self.model(
-            input_ids=self._staging(inputs.input_ids)[None],
-            position_ids=self._staging(inputs.positions)[None],
-            use_cache=False,
-            logits_to_keep=self._staging(inputs.sample_rows),
-            batchrun_step=StepContext(self.kv_cache, self.backend, state),
-        )
+        with self.overrides:
+            out = self.model(
+                input_ids=self._staging(inputs.input_ids)[None],
+                position_ids=self._staging(inputs.positions)[None],
+                use_cache=False,
+                logits_to_keep=self._staging(inputs.sample_rows),
+                batchrun_step=StepContext(self.kv_cache, self.backend, state),
+            )
         logits = out.logits[0].float()  # (R, vocab): one row per sampling chunk, in chunk order
         result = self._sample(logits, inputs)
         self.batch.record(plan, result.req_ids, result.token_ids)

@@ -1,10 +1,11 @@
-"""Compile the CPU attention kernel once per machine and load it with ctypes.
+"""Compile the CPU kernels once per machine and load them with ctypes.
 
-The kernel is one C++ file and a header with no dependency beyond the compiler's OpenMP (no torch
-headers, so it builds in about a second, not the minute a ``torch.utils.cpp_extension``
-build of the same code takes). It is compiled with ``-march=native`` for the CPU it runs
-on, into a cache keyed by the source, the compiler, its flags and the CPU's instruction
-sets, so a home directory shared by machines of different CPUs keeps one build per CPU.
+The kernels (paged attention, RMSNorm) are two C++ files and a header with no dependency
+beyond the compiler's OpenMP (no torch headers, so they build in seconds, not the minute a
+``torch.utils.cpp_extension`` build of the same code takes), into one library. It is
+compiled with ``-march=native`` for the CPU it runs on, into a cache keyed by the sources,
+the compiler, its flags and the CPU's instruction sets, so a home directory shared by
+machines of different CPUs keeps one build per CPU.
 Its OpenMP runtime is torch's own: torch loads ``libgomp.so.1`` first and the dynamic
 linker reuses it, so the kernel and torch's operators share one thread pool.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from batchrun.kernels.backend import BackendUnavailable
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp"))
 HEADERS = (Path(__file__).with_name("microkernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300
@@ -59,7 +60,7 @@ def load() -> ctypes.CDLL:
     cxx = compiler()
     if cxx is None:
         raise KernelUnavailable("needs a C++ compiler (none of $CXX, c++, g++, clang++ found)")
-    library = cache_dir() / f"paged_attention-{_build_key(cxx)}.so"
+    library = cache_dir() / f"batchrun_cpu-{_build_key(cxx)}.so"
     if not library.exists():
         _compile(cxx, library)
     try:
@@ -69,8 +70,8 @@ def load() -> ctypes.CDLL:
 
 
 def _build_key(cxx: str) -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes())
-    for header in HEADERS:
+    digest = hashlib.sha256()
+    for header in (*SOURCES, *HEADERS):
         digest.update(header.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_compiler_version(cxx).encode())
@@ -108,7 +109,7 @@ def _compile(cxx: str, library: Path) -> None:
         raise KernelUnavailable(f"cannot write its build to {library.parent}: {exc}") from exc
     try:
         done = subprocess.run(
-            [cxx, *FLAGS, str(SOURCE), "-o", partial],
+            [cxx, *FLAGS, *map(str, SOURCES), "-o", partial],
             capture_output=True,
             text=True,
             timeout=BUILD_TIMEOUT_S,
