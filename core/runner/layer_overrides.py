@@ -1,16 +1,17 @@
 """Model layers that batchrun runs with its own kernels, during its steps and only then.
 
-An override binds a replacement ``forward`` to one module instance for the duration of a
-step (``with overrides:``) and removes it afterwards, so the model object stays exactly what
-transformers built: a ``generate`` on the same model (the oracle tests do this) runs
-transformers' own layers. Today the one override is the CPU's one-pass RMSNorm
-(kernels/cpu/rms_norm.py), used with the compiled CPU backend.
+An override binds a replacement ``forward`` to one module instance, or replaces a function
+of a modeling module (e.g. ``modeling_llama.apply_rotary_pos_emb``), for the duration of a
+step (``with overrides:``) and restores the original afterwards, so outside batchrun's
+steps the model is exactly what transformers built. On CPU, with the compiled backend, the
+overrides are the one-pass RMSNorm (kernels/cpu/rms_norm.py) and rotary embedding
+(kernels/cpu/rotary.py), each only where the layer's code is Llama's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from types import MethodType
+from types import MethodType, ModuleType
 
 import torch
 
@@ -19,34 +20,50 @@ from batchrun.kernels import BackendUnavailable
 
 class LayerOverrides:
     def __init__(
-        self, forwards: dict[torch.nn.Module, Callable] | None = None, description: str = ""
+        self,
+        forwards: dict[torch.nn.Module, Callable] | None = None,
+        functions: dict[ModuleType, dict[str, Callable]] | None = None,
+        description: str = "",
     ) -> None:
-        self.forwards = forwards or {}
-        self.description = description  # for the run's log line, e.g. "RMSNorm: ... in 17 layers"
+        self.forwards = forwards or {}  # module instance -> its forward during steps
+        self.functions = functions or {}  # modeling module -> {name: function during steps}
+        self.description = description  # for the run's log line
+        self._saved: list[tuple[ModuleType, str, Callable]] = []
 
     def __len__(self) -> int:
-        return len(self.forwards)
+        return len(self.forwards) + sum(map(len, self.functions.values()))
 
     def __enter__(self) -> LayerOverrides:
         for module, forward in self.forwards.items():
             module.forward = MethodType(forward, module)  # an instance attribute shadows the class's
+        for namespace, replacements in self.functions.items():
+            for name, function in replacements.items():
+                self._saved.append((namespace, name, getattr(namespace, name)))
+                setattr(namespace, name, function)
         return self
 
     def __exit__(self, *exc) -> None:
         for module in self.forwards:
             module.__dict__.pop("forward", None)
+        while self._saved:
+            namespace, name, original = self._saved.pop()
+            setattr(namespace, name, original)
 
 
 def cpu_layer_overrides(model: torch.nn.Module) -> LayerOverrides:
-    """The one-pass RMSNorm for every Llama-style RMSNorm of ``model``; none where the CPU
-    kernels cannot build (the attention backend then says why)."""
+    """The one-pass RMSNorm and rotary embedding wherever ``model``'s layers are Llama's;
+    none where the CPU kernels cannot build (the attention backend then says why)."""
     try:
         from batchrun.kernels.cpu.rms_norm import fused_rms_norm_forward, rms_norm_layers
+        from batchrun.kernels.cpu.rotary import fused_apply_rotary_pos_emb, rotary_functions
 
-        layers = rms_norm_layers(model)
+        norms, rotaries = rms_norm_layers(model), rotary_functions(model)
     except BackendUnavailable:
         return LayerOverrides()
-    if not layers:
-        return LayerOverrides()
-    description = f"RMSNorm: the one-pass CPU kernel in {len(layers)} layers"
-    return LayerOverrides(dict.fromkeys(layers, fused_rms_norm_forward), description)
+    done = [f"RMSNorm in {len(norms)} layers"] if norms else []
+    done += ["rotary embedding"] if rotaries else []
+    return LayerOverrides(
+        dict.fromkeys(norms, fused_rms_norm_forward),
+        {module: {"apply_rotary_pos_emb": fused_apply_rotary_pos_emb} for module in rotaries},
+        f"one-pass CPU kernels for {' and '.join(done)}" if done else "",
+    )

@@ -1,8 +1,8 @@
 """Compile the CPU kernels once per machine and load them with ctypes.
 
-The kernels (paged attention, RMSNorm) are two C++ files and a header with no dependency
-beyond the compiler's OpenMP (no torch headers, so they build in seconds, not the minute a
-``torch.utils.cpp_extension`` build of the same code takes), into one library. It is
+The kernels (paged attention, RMSNorm, rotary embedding) are C++ files and a header with
+no dependency beyond the compiler's OpenMP (no torch headers, so they build in seconds, not
+the minute a ``torch.utils.cpp_extension`` build of the same code takes), into one library. It is
 compiled with ``-march=native`` for the CPU it runs on, into a cache keyed by the sources,
 the compiler, its flags and the CPU's instruction sets, so a home directory shared by
 machines of different CPUs keeps one build per CPU.
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from batchrun.kernels.backend import BackendUnavailable
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("paged_attention.cpp", "rms_norm.cpp"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_attention.cpp", "rms_norm.cpp", "rotary.cpp"))
 HEADERS = (Path(__file__).with_name("microkernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300

@@ -69,7 +69,8 @@ def fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return rms_norm(x, weight, self.variance_epsilon)
 
 
-def _code_key(function) -> tuple:
+def code_key(function) -> tuple:
+    """What makes two functions compute the same thing: bytecode, names, constants."""
     code = function.__code__
     return code.co_code, code.co_names, code.co_consts, code.co_varnames
 
@@ -78,11 +79,11 @@ def rms_norm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """``model``'s Llama-style RMSNorm layers (building or loading the kernel first, so a
     machine that cannot build it raises ``KernelUnavailable`` here)."""
     _entry()
-    reference = _code_key(LlamaRMSNorm.forward)
+    reference = code_key(LlamaRMSNorm.forward)
     found = []
     for module in model.modules():
         forward = getattr(type(module), "forward", None)
         if hasattr(forward, "__code__") and hasattr(module, "variance_epsilon"):
-            if _code_key(forward) == reference:
+            if code_key(forward) == reference:
                 found.append(module)
     return found
