@@ -5,7 +5,10 @@
 // against the group's shared prefix (not causal: all prefix keys precede every query). The
 // work is split into (item, kv head, tile of query rows) units run in parallel with OpenMP;
 // inside a unit the tile's query heads of that kv head (GQA packed: G heads per row) walk the
-// keys a chunk at a time, so each key and value is loaded and converted once per tile.
+// keys a chunk at a time, so each key and value is loaded and converted once per tile. In
+// bf16, on CPUs with AVX-512 BF16, tiles of many vectors keep queries, keys and values bf16
+// and use the dot-product micro-kernels (microkernels.h): keys repacked as pairs of dims,
+// values as pairs of keys.
 //
 // Softmax is online, in float32, in natural log. A call can start from a partial result over
 // disjoint keys (prior_out, prior_lse): that is how a group's prefix part and each member's
@@ -167,7 +170,7 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
         std::memcpy(words, kc + at, sizeof(uint32_t) * (D / 2));
         for (int d = 0; d < D / 2; ++d) kp[size_t(d) * kKeyChunk + j] = words[d];
         uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
-        for (int d = 0; d < D; ++d) pair_row[2 * d] = static_cast<const uint16_t*>(a.v_cache)[at + d];
+        for (int d = 0; d < D; ++d) pair_row[2 * d] = vc[at + d];  // T is uint16_t here
         continue;
       } else if (transposed)
         for (int d = 0; d < D; ++d) kt[size_t(d) * kKeyChunk + j] = load(kc, at + d);
@@ -182,10 +185,10 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
         uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
         for (int d = 0; d < D; ++d) pair_row[2 * d] = 0;
       }
-    }
-    else if (transposed)
+    } else if (transposed) {
       for (int d = 0; d < D; ++d)
         for (int j = kn; j < kKeyChunk; ++j) kt[size_t(d) * kKeyChunk + j] = 0.f;
+    }
 
     for (int v0 = 0; v0 < padded; v0 += kGroup) {
       int j0[kGroup], j1[kGroup], first = kKeyChunk, last = 0;
