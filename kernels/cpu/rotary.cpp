@@ -15,6 +15,9 @@
 
 #include "microkernels.h"
 
+// No fused multiply-add in this file: GCC reads the function attribute below, clang this pragma.
+#pragma STDC FP_CONTRACT OFF
+
 using namespace batchrun_cpu;  // NOLINT: one translation unit
 
 namespace {
