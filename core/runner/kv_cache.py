@@ -7,6 +7,7 @@ so that a kernel reading past a sequence's last block reads memory no request ow
 
 from __future__ import annotations
 
+import math
 import mmap
 from dataclasses import dataclass
 
@@ -79,9 +80,7 @@ class KVCache:
 def _zero_pages(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
     """``count`` zero tensors of ``shape`` backed by one anonymous mapping (touched lazily;
     the tensors keep the mapping alive)."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     mapping = mmap.mmap(-1, count * numel * dtype.itemsize)
     flat = torch.frombuffer(mapping, dtype=dtype)
     return [flat[i * numel : (i + 1) * numel].view(shape) for i in range(count)]

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrun.kernels.cpu.build import KernelUnavailable, load
+from batchrun.kernels.cpu.build import DTYPE_CODES, KernelUnavailable, load
 
 __all__ = ["KernelUnavailable", "KeyItems", "Partial", "kernel", "paged_attention"]
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class _Args(ctypes.Structure):
@@ -106,7 +104,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of the items' query rows over their paged keys, written into ``out``
     (rows of no item are left untouched); merged with ``prior`` where it has a part."""
-    if query.dtype not in _DTYPES or k_cache.dtype != query.dtype:
+    if query.dtype not in DTYPE_CODES or k_cache.dtype != query.dtype:
         raise ValueError(f"unsupported dtypes: query {query.dtype}, cache {k_cache.dtype}")
     for name, t in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
         if not t.is_contiguous():
@@ -135,7 +133,7 @@ def paged_attention(
         num_kv_heads=k_cache.shape[2],
         head_dim=query.shape[2],
         block_size=k_cache.shape[1],
-        dtype=_DTYPES[query.dtype],
+        dtype=DTYPE_CODES[query.dtype],
         out_f32=int(out.dtype == torch.float32),
         causal=int(items.causal),
         sliding_window=sliding_window or 0,

@@ -25,12 +25,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from batchrun.kernels.backend import BackendUnavailable
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_attention.cpp", "rms_norm.cpp", "rotary.cpp"))
 HEADERS = (Path(__file__).with_name("microkernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300
+# The kernels' element types at their C entry points (microkernels.h's DType).
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class KernelUnavailable(BackendUnavailable):

@@ -16,6 +16,9 @@
 
 namespace batchrun_cpu {
 
+// Element types at the C entry points; kernels/cpu/build.py's DTYPE_CODES mirrors them.
+enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
 constexpr int kTileRows = 32;    // query rows per work unit (x G heads each)
 constexpr int kKeyChunk = 32;    // keys converted and scored at a time
 constexpr int kTransposeMinVectors = 8;
@@ -34,25 +37,6 @@ inline float load(const uint16_t* p, int64_t i) {
   return f;
 }
 inline float load(const _Float16* p, int64_t i) { return float(p[i]); }
-
-// e^x for x <= 0, vectorizable (the compiler turns loops of it into SIMD code, which it
-// cannot do with std::exp): e^x = 2^n * 2^f with n = x log2 e rounded to nearest, and 2^f
-// for |f| <= 1/2 by its degree-6 Taylor polynomial (relative error about 1e-7, float32's own
-// rounding). Inputs under -87 give about 1e-38 instead of less, which no softmax sum notices.
-inline float exp_nonpositive(float x) {
-  const float t = std::max(x, -87.0f) * 1.44269504088896341f;
-  const float n = std::floor(t + 0.5f);
-  const float f = t - n;
-  float p = 1.5403530393381609e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
-  const int32_t bits = (int32_t(n) + 127) << 23;
-  return p * __builtin_bit_cast(float, bits);
-}
 
 inline void store(float* p, int64_t i, float f) { p[i] = f; }
 inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch does
@@ -75,10 +59,11 @@ inline void vstore(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
 
-// exp_nonpositive on 16 lanes, written with vector operations because the compiler does not
-// vectorise the scalar one inside the softmax's masked loops. Rounds t to nearest by adding
-// and subtracting 1.5 * 2^23 (exact for |t| < 2^22), where the scalar version floors t + 1/2:
-// both leave |f| <= 1/2, and the results agree to float32 rounding.
+// e^x for x <= 0 on 16 lanes, in vector operations (the compiler does not vectorise std::exp,
+// nor a scalar version inside the softmax's masked loops): e^x = 2^n * 2^f with n = x log2 e
+// rounded to nearest (adding and subtracting 1.5 * 2^23, exact for |t| < 2^22), and 2^f for
+// |f| <= 1/2 by its degree-6 Taylor polynomial (relative error about 1e-7, float32's own
+// rounding). Inputs under -87 give about 1e-38 instead of less, which no softmax sum notices.
 inline v16 vexp_nonpositive(v16 x) {
   const v16 lowest = v16{} - 87.0f;
   x = x < lowest ? lowest : x;
@@ -94,6 +79,8 @@ inline v16 vexp_nonpositive(v16 x) {
   const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
   return p * reinterpret_cast<const v16&>(bits);
 }
+
+inline float exp_nonpositive(float x) { return vexp_nonpositive(v16{} + x)[0]; }
 
 // One query vector's scores for a chunk (row[j], already scaled) become probabilities
 // against the running max: keys j0 <= j < j1 are visible (j0 < j1), the rest become 0.

@@ -34,12 +34,6 @@
 
 using namespace batchrun_cpu;  // NOLINT: one translation unit
 
-namespace {
-
-enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
-
-}  // namespace
-
 extern "C" {
 
 // Mirrored field for field by kernels/cpu/__init__.py (ctypes); keep the two in step.

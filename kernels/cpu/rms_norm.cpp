@@ -46,9 +46,9 @@ extern "C" int batchrun_rms_norm(
     const void* x, const void* weight, void* out, int64_t rows, int64_t hidden, int64_t x_stride, float eps,
     int32_t dtype) {
   switch (dtype) {
-    case 0: rms_norm(static_cast<const float*>(x), static_cast<const float*>(weight), static_cast<float*>(out), rows, hidden, x_stride, eps); return 0;
-    case 1: rms_norm(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows, hidden, x_stride, eps); return 0;
-    case 2: rms_norm(static_cast<const _Float16*>(x), static_cast<const _Float16*>(weight), static_cast<_Float16*>(out), rows, hidden, x_stride, eps); return 0;
+    case kF32: rms_norm(static_cast<const float*>(x), static_cast<const float*>(weight), static_cast<float*>(out), rows, hidden, x_stride, eps); return 0;
+    case kBF16: rms_norm(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out), rows, hidden, x_stride, eps); return 0;
+    case kF16: rms_norm(static_cast<const _Float16*>(x), static_cast<const _Float16*>(weight), static_cast<_Float16*>(out), rows, hidden, x_stride, eps); return 0;
     default: return 1;
   }
 }

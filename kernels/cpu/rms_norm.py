@@ -18,9 +18,7 @@ import functools
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from batchrun.kernels.cpu.build import load
-
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+from batchrun.kernels.cpu.build import DTYPE_CODES, load
 
 
 @functools.cache
@@ -54,7 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         hidden,
         rows.stride(0),
         eps,
-        _DTYPES[x.dtype],
+        DTYPE_CODES[x.dtype],
     )
     if status != 0:
         raise RuntimeError(f"CPU RMSNorm rejected dtype {x.dtype}")
@@ -64,7 +62,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_rms_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     """A matching layer's forward through the kernel (bound to the layer)."""
     x, weight = hidden_states, self.weight
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype or x.stride(-1) != 1:
+    if x.device.type != "cpu" or x.dtype not in DTYPE_CODES or weight.dtype != x.dtype or x.stride(-1) != 1:
         return type(self).forward(self, x)  # what the kernel does not cover: the layer's own code
     return rms_norm(x, weight, self.variance_epsilon)
 

@@ -59,15 +59,15 @@ extern "C" int batchrun_rotary(
     int64_t x_token, int64_t x_head, int32_t dtype) {
   if (dim % 2) return 2;
   switch (dtype) {
-    case 0:
+    case kF32:
       rotate(static_cast<const float*>(x), static_cast<const float*>(cos), static_cast<const float*>(sin),
              static_cast<float*>(out), tokens, heads, dim, x_token, x_head);
       return 0;
-    case 1:
+    case kBF16:
       rotate(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin),
              static_cast<uint16_t*>(out), tokens, heads, dim, x_token, x_head);
       return 0;
-    case 2:
+    case kF16:
       rotate(static_cast<const _Float16*>(x), static_cast<const _Float16*>(cos), static_cast<const _Float16*>(sin),
              static_cast<_Float16*>(out), tokens, heads, dim, x_token, x_head);
       return 0;

@@ -20,10 +20,9 @@ from types import ModuleType
 import torch
 from transformers.models.llama import modeling_llama
 
-from batchrun.kernels.cpu.build import load
+from batchrun.kernels.cpu.build import DTYPE_CODES, load
 from batchrun.kernels.cpu.rms_norm import code_key
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _REFERENCE = modeling_llama.apply_rotary_pos_emb
 
 
@@ -50,7 +49,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         dim,
         x.stride(2),
         x.stride(1),
-        _DTYPES[x.dtype],
+        DTYPE_CODES[x.dtype],
     )
     if status != 0:
         raise RuntimeError(f"CPU rotary embedding rejected dtype {x.dtype} / head dim {dim}")
@@ -62,7 +61,7 @@ def _covered(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         x.device.type == "cpu"
         and x.dim() == 4
         and x.shape[0] == 1  # batchrun's steps: every token packed into one batch row
-        and x.dtype in _DTYPES
+        and x.dtype in DTYPE_CODES
         and cos.dtype == sin.dtype == x.dtype
         and x.stride(-1) == 1
         and x.shape[-1] % 2 == 0
