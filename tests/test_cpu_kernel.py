@@ -1,6 +1,7 @@
 """The in-place CPU attention kernel (kernels/cpu/) against the torch reference, on random
 shapes: block sizes that do and do not divide the lengths, GQA ratios 1-8, prefill chunks
-and decodes, soft-capping, sliding windows, three dtypes; and a group's prefix part merged
+and decodes, soft-capping, sliding windows, three dtypes, bf16 with and without AMX tiles
+(where the CPU has them); and a group's prefix part merged
 with each member's own part equals attention over the whole context. Then the oracle
 through the CPU backend for every GQA ratio, with groups split at their prefix."""
 
@@ -53,13 +54,14 @@ shapes = st.fixed_dictionaries(
         "gqa": st.sampled_from([1, 2, 4, 8]),
         "head_dim": st.sampled_from([16, 32, 64, 80, 128]),
         "dtype": st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-        "seqs": st.lists(  # (context length, query length)
-            st.integers(1, 150).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))),
+        "seqs": st.lists(  # (context length, query length); AMX chunks are 128 keys
+            st.integers(1, 300).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n))),
             min_size=1,
             max_size=6,
         ),
         "softcap": st.sampled_from([None, 20.0]),
         "window": st.sampled_from([None, 1, 9]),
+        "amx": st.booleans(),
         "seed": st.integers(0, 2**16),
     }
 )
@@ -80,8 +82,9 @@ def test_kernel_equals_the_torch_reference(case):
     scale = d**-0.5
     softcap, window = case["softcap"], case["window"]
     out = paged_attention(
-        query, k, v, items, scale, torch.empty_like(query), softcap=softcap, sliding_window=window
-    )
+        query, k, v, items, scale, torch.empty_like(query), softcap=softcap, sliding_window=window,
+        use_amx=case["amx"],
+    )  # fmt: skip
     for i, n in enumerate(seq_lens):
         rows = slice(cu[i], cu[i + 1])
         expected = attend(
@@ -97,6 +100,7 @@ def test_kernel_equals_the_torch_reference(case):
 
 @settings(max_examples=40, deadline=None)
 @given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     block_size=st.sampled_from([1, 4, 16]),
     gqa=st.sampled_from([1, 2, 4, 8]),
     prefix_blocks=st.integers(1, 6),
@@ -105,18 +109,21 @@ def test_kernel_equals_the_torch_reference(case):
     seed=st.integers(0, 2**16),
 )
 def test_prefix_part_merged_with_own_parts_equals_whole_attention(
-    block_size, gqa, prefix_blocks, members, softcap, seed
+    dtype, block_size, gqa, prefix_blocks, members, softcap, seed
 ):
     """One group: every member's rows (decodes or chunks after the prefix) read the shared
-    prefix blocks once in a non-causal item; their own parts start from that partial."""
+    prefix blocks once in a non-causal item; their own parts start from that partial. In
+    bf16 the prefix item's many rows take the AMX tiles where the CPU has them."""
     g = torch.Generator().manual_seed(seed)
-    hkv, d, dtype = 2, 32, torch.float32
+    hkv, d, tol = 2, 32, (2e-5 if dtype == torch.float32 else TOLERANCE[dtype])
+    if dtype == torch.bfloat16:  # a prefix over one AMX chunk (128 keys)
+        prefix_blocks += -(-140 // block_size)
     prefix_len = prefix_blocks * block_size
     own = [(prefix_len + extra, min(q, extra)) for extra, q in members]  # queries after the prefix
     seq_lens, q_lens = [n for n, _ in own], [q for _, q in own]
     k, v, tables = paged(seq_lens, block_size, hkv, d, dtype, g)
     tables[:, :prefix_blocks] = tables[0, :prefix_blocks].clone()  # the members share the prefix blocks
-    query = torch.randn(sum(q_lens), hkv * gqa, d, generator=g)
+    query = torch.randn(sum(q_lens), hkv * gqa, d, generator=g).to(dtype)
     cu = int32([0, *torch.tensor(q_lens).cumsum(0).tolist()])
     scale = d**-0.5
     prefix = Partial(torch.empty(query.shape), torch.full(query.shape[:2], float("-inf")))
@@ -129,11 +136,12 @@ def test_prefix_part_merged_with_own_parts_equals_whole_attention(
     out = paged_attention(query, k, v, items, scale, torch.empty_like(query), prior=prefix, softcap=softcap)
     whole = KeyItems(cu, tables, int32([0] * len(own)), int32(seq_lens), causal=True)
     expected = paged_attention(query, k, v, whole, scale, torch.empty_like(query), softcap=softcap)
-    torch.testing.assert_close(out, expected, atol=2e-6, rtol=2e-5)
+    torch.testing.assert_close(out, expected, atol=tol / 10, rtol=tol)
     for i, n in enumerate(seq_lens):  # and the whole-context call against the reference
         rows = slice(cu[i], cu[i + 1])
-        ref = attend(query[rows], dense(k, tables[i], n), dense(v, tables[i], n), scale, softcap)
-        torch.testing.assert_close(expected[rows], ref, atol=2e-5, rtol=2e-5)
+        keys, values = dense(k, tables[i], n).float(), dense(v, tables[i], n).float()
+        ref = attend(query[rows].float(), keys, values, scale, softcap)
+        torch.testing.assert_close(expected[rows].float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("num_kv_heads, block_size", [(8, 1), (4, 7), (2, 16), (1, 64)])

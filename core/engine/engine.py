@@ -25,6 +25,7 @@ from batchrun.core.engine.backend_choice import choose_backend
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
 from batchrun.core.engine.stop import StopChecker, StopState
+from batchrun.core.runner.host_allocator import keep_freed_host_memory
 from batchrun.core.runner.kv_budget import kv_cache_bytes, num_blocks_for
 from batchrun.core.runner.kv_cache import KVCache, KVCacheSpec
 from batchrun.core.runner.layer_overrides import cpu_layer_overrides
@@ -190,6 +191,8 @@ def build_engine(
     overrides = cpu_layer_overrides(loaded.model) if backend.name == "cpu" else None
     if overrides:
         why += f"; {overrides.description}"
+    if loaded.device.type == "cpu" and (kept := keep_freed_host_memory()):
+        why += f"; {kept}"
     runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids, overrides)
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker, backend_choice=why)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
 
 from batchrun.kernels.cpu.build import DTYPE_CODES, KernelUnavailable, load
 
-__all__ = ["KernelUnavailable", "KeyItems", "Partial", "kernel", "paged_attention"]
+__all__ = ["KernelUnavailable", "KeyItems", "Partial", "amx_available", "kernel", "paged_attention"]
 
 
 class _Args(ctypes.Structure):
@@ -45,6 +46,7 @@ class _Args(ctypes.Structure):
         ("out_f32", ctypes.c_int32),
         ("causal", ctypes.c_int32),
         ("sliding_window", ctypes.c_int32),
+        ("use_amx", ctypes.c_int32),
         ("scale", ctypes.c_float),
         ("softcap", ctypes.c_float),
     ]
@@ -62,6 +64,15 @@ def kernel():
     entry.argtypes = [ctypes.POINTER(_Args)]
     entry.restype = ctypes.c_int
     return entry
+
+
+def amx_available() -> bool:
+    """Whether bf16 attention runs on AMX tiles here: the kernel was built for a CPU that has
+    them and the OS granted them to this process. ``BATCHRUN_CPU_AMX=0`` turns them off (the
+    AVX-512 BF16 micro-kernels then run)."""
+    if os.environ.get("BATCHRUN_CPU_AMX", "1") == "0":
+        return False
+    return bool(load().batchrun_amx_available())
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,7 @@ def paged_attention(
     prior: Partial | None = None,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    use_amx: bool | None = None,  # None: where available (amx_available)
 ) -> torch.Tensor:
     """Attention of the items' query rows over their paged keys, written into ``out``
     (rows of no item are left untouched); merged with ``prior`` where it has a part."""
@@ -137,6 +149,7 @@ def paged_attention(
         out_f32=int(out.dtype == torch.float32),
         causal=int(items.causal),
         sliding_window=sliding_window or 0,
+        use_amx=int(use_amx if use_amx is not None else amx_available()),
         scale=scale,
         softcap=softcap or 0.0,
     )

@@ -10,8 +10,12 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) || defined(__AMX_BF16__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace batchrun_cpu {
@@ -82,26 +86,55 @@ inline v16 vexp_nonpositive(v16 x) {
 
 inline float exp_nonpositive(float x) { return vexp_nonpositive(v16{} + x)[0]; }
 
-// One query vector's scores for a chunk (row[j], already scaled) become probabilities
-// against the running max: keys j0 <= j < j1 are visible (j0 < j1), the rest become 0.
-// Returns the new running max (max of m_old and the visible scores) and the probabilities'
-// sum.
+// The max and the sum of a vector's 16 lanes, as trees of 4 steps (a lane-by-lane loop is a
+// chain of 15 dependent operations, which the compiler keeps: floating-point order).
+inline v16 swap_halves(v16 x, int width) {
+  switch (width) {
+    case 8: return __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    case 4: return __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+    case 2: return __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    default: return __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  }
+}
+inline float reduce_max(v16 x) {
+  for (int width = 8; width >= 1; width /= 2) {
+    const v16 y = swap_halves(x, width);
+    x = x > y ? x : y;
+  }
+  return x[0];
+}
+inline float reduce_add(v16 x) {
+  for (int width = 8; width >= 1; width /= 2) x += swap_halves(x, width);
+  return x[0];
+}
+
+// One query vector's scores for a chunk of kChunk keys (row[j], already scaled) become
+// probabilities against the running max: keys j0 <= j < j1 are visible (j0 < j1), the rest
+// become 0. Returns the new running max (max of m_old and the visible scores) and the
+// probabilities' sum.
+template <int kChunk = kKeyChunk>
 inline void chunk_probabilities(float* row, int j0, int j1, float m_old, float& m_new, float& sum) {
-  static_assert(kKeyChunk == 32, "two vectors per row");
+  static_assert(kChunk % 16 == 0, "whole vectors per row");
+  constexpr int kVecs = kChunk / 16;
   const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  const vi16 seen0 = (lane >= j0) & (lane < j1), seen1 = (lane + 16 >= j0) & (lane + 16 < j1);
-  const v16 none = v16{} + kNegInf;
-  const v16 s0 = seen0 ? vload(row) : none, s1 = seen1 ? vload(row + 16) : none;
-  const v16 top = s0 > s1 ? s0 : s1;
-  float chunk_max = kNegInf;
-  for (int j = 0; j < 16; ++j) chunk_max = std::max(chunk_max, top[j]);
-  m_new = std::max(m_old, chunk_max);
-  const v16 zero = {};
-  const v16 p0 = seen0 ? vexp_nonpositive(s0 - m_new) : zero, p1 = seen1 ? vexp_nonpositive(s1 - m_new) : zero;
-  vstore(row, p0), vstore(row + 16, p1);
-  const v16 both = p0 + p1;
-  sum = 0.f;
-  for (int j = 0; j < 16; ++j) sum += both[j];
+  const v16 none = v16{} + kNegInf, zero = {};
+  vi16 seen[kVecs];
+  v16 x[kVecs], top = none;
+#pragma GCC unroll 8
+  for (int b = 0; b < kVecs; ++b) {
+    seen[b] = (lane + 16 * b >= j0) & (lane + 16 * b < j1);
+    x[b] = seen[b] ? vload(row + 16 * b) : none;
+    top = top > x[b] ? top : x[b];
+  }
+  m_new = std::max(m_old, reduce_max(top));
+  v16 total = {};
+#pragma GCC unroll 8
+  for (int b = 0; b < kVecs; ++b) {
+    const v16 p = seen[b] ? vexp_nonpositive(x[b] - m_new) : zero;
+    vstore(row + 16 * b, p);
+    total += p;
+  }
+  sum = reduce_add(total);
 }
 
 // s[i][j] = q_i . k_j for the group's 4 query vectors (rows of q, stride kD) and the chunk's
@@ -230,6 +263,112 @@ template <int kD>
 inline void group_scores_bf16(const uint32_t*, const uint32_t*, float (*)[kKeyChunk]) {}
 template <int kD>
 inline void group_accumulate_bf16(float*, const uint32_t*, const float (*)[kKeyChunk], const float*, int, int) {}
+#endif
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__linux__)
+// AMX (Intel's tile matrix unit, Sapphire Rapids and later): one TDPBF16PS multiplies a
+// 16 x 32 bf16 tile by a 32 x 16 one (the second as 16 rows of dim *pairs*, the same pairs
+// layout as the AVX-512 BF16 micro-kernels above) into a 16 x 16 float32 tile: 8x the work of
+// a 16-lane dot-product instruction. The tile micro-kernels below take kAmxGroup query
+// vectors at a time against a chunk of kAmxChunk keys -- longer than the vector path's, so
+// the softmax's per-row reductions and the accumulators' rescaling, which now cost more than
+// the products, come once per 128 keys. Every tile is configured as 16 rows x 64 bytes.
+constexpr bool kHaveAmx = true;
+constexpr int kAmxGroup = 16;
+constexpr int kAmxChunk = 128;
+constexpr int kAmxMinVectors = 8;
+
+// Linux hands out the tile registers' state per process, on request (arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first tile instruction traps.
+inline bool amx_permitted() {
+  static const bool permitted = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
+}
+
+// The tile configuration (palette 1): every tile 16 rows of 64 bytes. Loaded at the start of
+// each work unit and released at its end, as other users of the tiles (oneDNN) configure
+// their own.
+inline void amx_configure() {
+  struct alignas(64) {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } config = {};
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// s[i][j] = q_i . k_j for 16 query vectors (qp: dim pairs, stride kD / 2 words) and the
+// chunk's keys (kp: (kD / 2, kAmxChunk) words, key j in column j). 32 keys at a time in
+// result tiles 0 and 1; each 32 dims multiply the queries' tile (4) by a 16-pair-row tile of
+// each half's keys (5, 6).
+template <int kD>
+inline void amx_scores(const uint32_t* __restrict__ qp, const uint32_t* __restrict__ kp, float (*s)[kAmxChunk]) {
+  static_assert(kD % 32 == 0 && kAmxChunk % 32 == 0, "whole 32-dim steps, pairs of 16-key tiles");
+  for (int j = 0; j < kAmxChunk; j += 32) {
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int d = 0; d < kD / 2; d += 16) {
+      _tile_loadd(4, qp + d, kD * 2);
+      _tile_loadd(5, kp + d * kAmxChunk + j, kAmxChunk * 4);
+      _tile_loadd(6, kp + d * kAmxChunk + j + 16, kAmxChunk * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    _tile_stored(0, s[0] + j, kAmxChunk * 4);
+    _tile_stored(1, s[0] + j + 16, kAmxChunk * 4);
+  }
+}
+
+// acc_i = alpha_i acc_i + sum_j p[i][j] v_j for 16 vectors (acc rows of stride kD), with the
+// probabilities rounded to bf16 (as group_accumulate_bf16 does) and the chunk's values as
+// pairs of keys (vp: (kAmxChunk / 2, kD) words). 32 columns at a time: the rescaled
+// accumulators are loaded into tiles 0 and 1, and every 32 keys add the probabilities'
+// tile (4) times the values' two 16-column tiles (5, 6).
+template <int kD>
+inline void amx_accumulate(float* __restrict__ acc, const uint32_t* __restrict__ vp, const float (*p)[kAmxChunk],
+                           const float* alpha) {
+  static_assert(kD % 32 == 0 && kAmxChunk % 32 == 0, "16-column result tiles, 16 key pairs");
+  alignas(64) uint32_t pp[kAmxGroup][kAmxChunk / 2];  // (vector, key pair) words
+  for (int i = 0; i < kAmxGroup; ++i) {
+    for (int j = 0; j < kAmxChunk; j += 32)
+      _mm512_store_si512(pp[i] + j / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p[i] + j + 16),
+                                                                     _mm512_loadu_ps(p[i] + j)));
+    if (alpha[i] != 1.f) {
+      const __m512 a = _mm512_set1_ps(alpha[i]);
+      for (int d = 0; d < kD; d += 16)
+        _mm512_storeu_ps(acc + i * kD + d, _mm512_mul_ps(_mm512_loadu_ps(acc + i * kD + d), a));
+    }
+  }
+  for (int c = 0; c < kD; c += 32) {
+    _tile_loadd(0, acc + c, kD * 4);
+    _tile_loadd(1, acc + c + 16, kD * 4);
+    for (int j = 0; j < kAmxChunk / 2; j += 16) {
+      _tile_loadd(4, pp[0] + j, kAmxChunk * 2);
+      _tile_loadd(5, vp + j * kD + c, kD * 4);
+      _tile_loadd(6, vp + j * kD + c + 16, kD * 4);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_dpbf16ps(1, 4, 6);
+    }
+    _tile_stored(0, acc + c, kD * 4);
+    _tile_stored(1, acc + c + 16, kD * 4);
+  }
+}
+#else
+constexpr bool kHaveAmx = false;
+constexpr int kAmxGroup = 16;
+constexpr int kAmxChunk = 128;
+constexpr int kAmxMinVectors = 8;
+inline bool amx_permitted() { return false; }
+inline void amx_configure() {}
+template <int kD>
+inline void amx_scores(const uint32_t*, const uint32_t*, float (*)[kAmxChunk]) {}
+template <int kD>
+inline void amx_accumulate(float*, const uint32_t*, const float (*)[kAmxChunk], const float*) {}
 #endif
 
 }  // namespace batchrun_cpu

@@ -60,6 +60,7 @@ struct PagedAttentionArgs {
   int32_t out_f32;
   int32_t causal;           // row j of n sees keys < key_end - (n - 1 - j)
   int32_t sliding_window;   // 0: none; else a row at position p sees keys > p - window
+  int32_t use_amx;          // bf16: tile instructions where the CPU and the OS allow them
   float scale;
   float softcap;            // 0: none
 };
@@ -75,15 +76,19 @@ struct Unit {
   int32_t kv_head;
 };
 
-template <typename T, typename OutT, int kD>
+template <typename T, typename OutT, int kD, bool kAmx>
 void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scratch) {
   // the register-blocked micro-kernels: head dims 32, 64 and multiples of 64
   constexpr bool kBlocked = kD == 32 || (kD > 0 && kD % 64 == 0);
   // bf16 scores by dot-product instructions where the CPU has them (microkernels.h)
   constexpr bool kBf16Dot = kBlocked && kHaveBf16Dot && std::is_same_v<T, uint16_t>;
+  // ... or tiles of 16 vectors on AMX (the caller checks the CPU, the OS and the head dim)
+  static_assert(!kAmx || (kHaveAmx && std::is_same_v<T, uint16_t> && kD % 32 == 0));
+  constexpr int kVecGroup = kAmx ? kAmxGroup : kGroup;  // vectors scored together
+  constexpr int kChunk = kAmx ? kAmxChunk : kKeyChunk;   // keys per chunk
   const int D = kD ? kD : a.head_dim, G = a.num_q_heads / a.num_kv_heads, B = a.block_size;
   const int nvec = u.count * G;                            // query vectors in the tile
-  const int padded = (nvec + kGroup - 1) / kGroup * kGroup;  // ... rounded up to whole groups
+  const int padded = (nvec + kVecGroup - 1) / kVecGroup * kVecGroup;  // ... in whole groups
   const int32_t begin = a.cu_rows[u.item], n = a.cu_rows[u.item + 1] - begin;
   const int32_t* table = a.tables + int64_t(u.item) * a.table_stride;
   const T* q = static_cast<const T*>(a.q);
@@ -91,22 +96,23 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
   const T* vc = static_cast<const T*>(a.v_cache);
   const int64_t q_row = int64_t(a.num_q_heads) * D, kv_token = int64_t(a.num_kv_heads) * D;
 
-  scratch.resize(size_t(padded) * D * 2 + size_t(kKeyChunk) * D * 2 + size_t(padded) * 4);
+  scratch.resize(size_t(padded) * D * 2 + size_t(kChunk) * D * 2 + size_t(padded) * 4);
   float* __restrict__ qf = scratch.data();                    // (padded, D)
   float* __restrict__ acc = qf + size_t(padded) * D;          // (padded, D)
   float* __restrict__ kt = acc + size_t(padded) * D;          // (D, chunk) or (chunk, D)
-  float* __restrict__ vf = kt + size_t(kKeyChunk) * D;        // (chunk, D)
-  float* __restrict__ m = vf + size_t(kKeyChunk) * D;         // running max per vector
+  float* __restrict__ vf = kt + size_t(kChunk) * D;        // (chunk, D)
+  float* __restrict__ m = vf + size_t(kChunk) * D;         // running max per vector
   float* __restrict__ l = m + padded;                         // running sum per vector
   int32_t* lo = reinterpret_cast<int32_t*>(l + padded);       // visible keys [lo, hi)
   int32_t* hi = lo + padded;
 
   // Many query vectors amortise transposing each key chunk (prefill tiles); few (a decode's
-  // G heads) do not, and take dot products key by key.
-  const bool transposed = nvec >= kTransposeMinVectors;
+  // G heads) do not, and take dot products key by key -- except on AMX, where even a
+  // decode's G vectors are cheaper as one tile.
+  const bool transposed = kAmx || nvec >= kTransposeMinVectors;
   // ... and with bf16 dot products, queries and keys stay bf16, as pairs of dims per word:
   // qp (padded, D / 2) over qf's memory, kp (D / 2, chunk) over kt's
-  const bool pairs = kBf16Dot && transposed;
+  const bool pairs = kAmx || (kBf16Dot && transposed);
   uint32_t* qp = reinterpret_cast<uint32_t*>(qf);
   uint32_t* kp = reinterpret_cast<uint32_t*>(kt);
   uint32_t* vp = reinterpret_cast<uint32_t*>(vf);  // (chunk / 2, D): values, pairs of keys
@@ -145,14 +151,15 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
     }
   }
 
-  alignas(64) float s[kGroup][kKeyChunk];
+  alignas(64) float s[kVecGroup][kChunk];
+  if constexpr (kAmx) amx_configure();
   alignas(64) float o[kGroup][kD ? kD : kMaxHeadDim];
-  for (int32_t k0 = tile_lo; k0 < tile_hi; k0 += kKeyChunk) {
-    const int kn = std::min<int32_t>(kKeyChunk, tile_hi - k0);
+  for (int32_t k0 = tile_lo; k0 < tile_hi; k0 += kChunk) {
+    const int kn = std::min<int32_t>(kChunk, tile_hi - k0);
     for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
       const int32_t p = k0 + j;
       const int64_t at = (int64_t(table[p / B]) * B + p % B) * kv_token + int64_t(u.kv_head) * D;
-      if (const int32_t ahead = p + kKeyChunk; ahead < tile_hi) {  // the next chunk's key j
+      if (const int32_t ahead = p + kChunk; ahead < tile_hi) {  // the next chunk's key j
         const int64_t next = (int64_t(table[ahead / B]) * B + ahead % B) * kv_token + int64_t(u.kv_head) * D;
         for (int64_t byte = 0; byte < int64_t(D) * int64_t(sizeof(T)); byte += 64) {
           __builtin_prefetch(reinterpret_cast<const char*>(kc + next) + byte);
@@ -162,31 +169,31 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       if (pairs) {
         uint32_t words[kMaxHeadDim / 2];
         std::memcpy(words, kc + at, sizeof(uint32_t) * (D / 2));
-        for (int d = 0; d < D / 2; ++d) kp[size_t(d) * kKeyChunk + j] = words[d];
+        for (int d = 0; d < D / 2; ++d) kp[size_t(d) * kChunk + j] = words[d];
         uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
         for (int d = 0; d < D; ++d) pair_row[2 * d] = vc[at + d];  // T is uint16_t here
         continue;
       } else if (transposed)
-        for (int d = 0; d < D; ++d) kt[size_t(d) * kKeyChunk + j] = load(kc, at + d);
+        for (int d = 0; d < D; ++d) kt[size_t(d) * kChunk + j] = load(kc, at + d);
       else
         for (int d = 0; d < D; ++d) kt[size_t(j) * D + d] = load(kc, at + d);
       for (int d = 0; d < D; ++d) vf[size_t(j) * D + d] = load(vc, at + d);
     }
     if (pairs) {  // keys past the chunk's end score 0 and add nothing (finite zeros)
       for (int d = 0; d < D / 2; ++d)
-        for (int j = kn; j < kKeyChunk; ++j) kp[size_t(d) * kKeyChunk + j] = 0u;
-      for (int j = kn; j < kKeyChunk; ++j) {
+        for (int j = kn; j < kChunk; ++j) kp[size_t(d) * kChunk + j] = 0u;
+      for (int j = kn; j < kChunk; ++j) {
         uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
         for (int d = 0; d < D; ++d) pair_row[2 * d] = 0;
       }
     } else if (transposed) {
       for (int d = 0; d < D; ++d)
-        for (int j = kn; j < kKeyChunk; ++j) kt[size_t(d) * kKeyChunk + j] = 0.f;
+        for (int j = kn; j < kChunk; ++j) kt[size_t(d) * kChunk + j] = 0.f;
     }
 
-    for (int v0 = 0; v0 < padded; v0 += kGroup) {
-      int j0[kGroup], j1[kGroup], first = kKeyChunk, last = 0;
-      for (int i = 0; i < kGroup; ++i) {
+    for (int v0 = 0; v0 < padded; v0 += kVecGroup) {
+      int j0[kVecGroup], j1[kVecGroup], first = kChunk, last = 0;
+      for (int i = 0; i < kVecGroup; ++i) {
         j0[i] = std::max(lo[v0 + i] - k0, 0);
         j1[i] = std::min(hi[v0 + i] - k0, kn);
         if (j0[i] < j1[i]) first = std::min(first, j0[i]), last = std::max(last, j1[i]);
@@ -194,24 +201,26 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       if (first >= last) continue;  // no vector of the group sees this chunk
 
       // scores s[i][j] = q_i . k_j
-      if (pairs) {
+      if constexpr (kAmx) {
+        amx_scores<kAmx ? kD : 32>(qp + size_t(v0) * (D / 2), kp, s);
+      } else if (pairs) {
         group_scores_bf16<kBf16Dot ? kD : 64>(qp + size_t(v0) * (D / 2), kp, s);
       } else if (kBlocked && transposed) {
         group_scores<kBlocked ? kD : 64>(qf + size_t(v0) * D, kt, s);
       } else if (transposed) {  // lanes over keys; each key row loaded once for the group
         for (int i = 0; i < kGroup; ++i)
-          for (int j = 0; j < kKeyChunk; ++j) s[i][j] = 0.f;
+          for (int j = 0; j < kChunk; ++j) s[i][j] = 0.f;
         for (int d = 0; d < D; ++d) {
-          const float* kd = kt + size_t(d) * kKeyChunk;
+          const float* kd = kt + size_t(d) * kChunk;
           for (int i = 0; i < kGroup; ++i) {
             const float qd = qf[size_t(v0 + i) * D + d];
-            for (int j = 0; j < kKeyChunk; ++j) s[i][j] += qd * kd[j];
+            for (int j = 0; j < kChunk; ++j) s[i][j] += qd * kd[j];
           }
         }
       } else {  // lanes over the head dim, key by key
         for (int i = 0; i < kGroup; ++i) {
           const float* qv = qf + size_t(v0 + i) * D;
-          for (int j = 0; j < kKeyChunk; ++j) {
+          for (int j = 0; j < kChunk; ++j) {
             float dot = 0.f;
             if (j >= j0[i] && j < j1[i]) {
               const float* kj = kt + size_t(j) * D;
@@ -224,47 +233,49 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       }
 
       // online softmax per vector: s becomes the chunk's probabilities; acc rescaled into o
-      float alpha[kGroup];
-      for (int i = 0; i < kGroup; ++i) {
+      float alpha[kVecGroup];
+      for (int i = 0; i < kVecGroup; ++i) {
         const int v = v0 + i;
         alpha[i] = 1.f;
         if (j0[i] >= j1[i]) {
-          for (int j = 0; j < kKeyChunk; ++j) s[i][j] = 0.f;
+          for (int j = 0; j < kChunk; ++j) s[i][j] = 0.f;
           continue;
         }
         if (a.softcap > 0.f)
           for (int j = j0[i]; j < j1[i]; ++j) s[i][j] = std::tanh(s[i][j] * a.scale / a.softcap) * a.softcap;
         else
-          for (int j = 0; j < kKeyChunk; ++j) s[i][j] *= a.scale;
+          for (int j = 0; j < kChunk; ++j) s[i][j] *= a.scale;
         float m_new, sum;  // m_new is finite: the vector sees a key here
-        chunk_probabilities(s[i], j0[i], j1[i], m[v], m_new, sum);
+        chunk_probabilities<kChunk>(s[i], j0[i], j1[i], m[v], m_new, sum);
         alpha[i] = m[v] == kNegInf ? 0.f : exp_nonpositive(m[v] - m_new);
         l[v] = l[v] * alpha[i] + sum;
         m[v] = m_new;
       }
 
       // acc += p . V, with the group's accumulators held in o across the chunk's keys
-      if (pairs) {
+      if constexpr (kAmx) {
+        amx_accumulate<kAmx ? kD : 32>(acc + size_t(v0) * D, vp, s, alpha);
+      } else if (pairs) {
         group_accumulate_bf16<kBf16Dot ? kD : 64>(acc + size_t(v0) * D, vp, s, alpha, first, last);
-        continue;
-      }
-      if (kBlocked) {
+      } else if (kBlocked) {
         group_accumulate<kBlocked ? kD : 64>(acc + size_t(v0) * D, vf, s, alpha, first, last);
-        continue;
-      }
-      for (int i = 0; i < kGroup; ++i)
-        for (int d = 0; d < D; ++d) o[i][d] = acc[size_t(v0 + i) * D + d] * alpha[i];
-      for (int j = first; j < last; ++j) {
-        const float* vj = vf + size_t(j) * D;
-        for (int i = 0; i < kGroup; ++i) {
-          const float p = s[i][j];
-          for (int d = 0; d < D; ++d) o[i][d] += p * vj[d];
+      } else {
+        for (int i = 0; i < kGroup; ++i)
+          for (int d = 0; d < D; ++d) o[i][d] = acc[size_t(v0 + i) * D + d] * alpha[i];
+        for (int j = first; j < last; ++j) {
+          const float* vj = vf + size_t(j) * D;
+          for (int i = 0; i < kGroup; ++i) {
+            const float p = s[i][j];
+            for (int d = 0; d < D; ++d) o[i][d] += p * vj[d];
+          }
         }
+        for (int i = 0; i < kGroup; ++i)
+          for (int d = 0; d < D; ++d) acc[size_t(v0 + i) * D + d] = o[i][d];
       }
-      for (int i = 0; i < kGroup; ++i)
-        for (int d = 0; d < D; ++d) acc[size_t(v0 + i) * D + d] = o[i][d];
     }
   }
+
+  if constexpr (kAmx) _tile_release();
 
   OutT* out = static_cast<OutT*>(a.out);
   for (int r = 0; r < u.count; ++r) {
@@ -281,12 +292,23 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
 }
 
 template <typename T, typename OutT>
-void attend(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scratch) {
+void attend(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scratch, bool amx) {
+  if constexpr (kHaveAmx && std::is_same_v<T, uint16_t>) {
+    // run() checked the head dim; a tile of fewer vectors (a decode's G heads) is cheaper
+    // key by key than padded to a 16-row tile
+    if (amx && u.count * (a.num_q_heads / a.num_kv_heads) >= kAmxMinVectors) {
+      switch (a.head_dim) {
+        case 32: attend_unit<T, OutT, 32, true>(a, u, scratch); return;
+        case 64: attend_unit<T, OutT, 64, true>(a, u, scratch); return;
+        default: attend_unit<T, OutT, 128, true>(a, u, scratch); return;
+      }
+    }
+  }
   switch (a.head_dim) {  // the common head dims get loops of compile-time length
-    case 32: attend_unit<T, OutT, 32>(a, u, scratch); break;
-    case 64: attend_unit<T, OutT, 64>(a, u, scratch); break;
-    case 128: attend_unit<T, OutT, 128>(a, u, scratch); break;
-    default: attend_unit<T, OutT, 0>(a, u, scratch); break;
+    case 32: attend_unit<T, OutT, 32, false>(a, u, scratch); break;
+    case 64: attend_unit<T, OutT, 64, false>(a, u, scratch); break;
+    case 128: attend_unit<T, OutT, 128, false>(a, u, scratch); break;
+    default: attend_unit<T, OutT, 0, false>(a, u, scratch); break;
   }
 }
 
@@ -300,15 +322,17 @@ void run(const PagedAttentionArgs& a) {
         units.push_back({i, first, std::min(kTileRows, n - first), h});
   }
   const int64_t num_units = int64_t(units.size());
+  const bool amx = a.use_amx && std::is_same_v<T, uint16_t> && kHaveAmx && amx_permitted() &&
+                   (a.head_dim == 32 || a.head_dim == 64 || a.head_dim == 128);
 #pragma omp parallel
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_units; ++i) {
       if (a.out_f32)
-        attend<T, float>(a, units[i], scratch);
+        attend<T, float>(a, units[i], scratch, amx);
       else
-        attend<T, T>(a, units[i], scratch);
+        attend<T, T>(a, units[i], scratch, amx);
     }
   }
 }
@@ -324,6 +348,10 @@ extern "C" int batchrun_paged_attention(const PagedAttentionArgs* args) {
     default: return 1;
   }
 }
+
+// 1 where bf16 attention can run on AMX tiles (the library was built for a CPU with them and
+// the OS granted this process their state), else 0.
+extern "C" int batchrun_amx_available() { return kHaveAmx && amx_permitted(); }
 
 // Lets the loader check that the library and its ctypes mirror agree on the layout.
 extern "C" int64_t batchrun_paged_attention_args_size() { return sizeof(PagedAttentionArgs); }
