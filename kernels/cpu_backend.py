@@ -1,14 +1,16 @@
 """The CPU attention backend: paged attention that reads the KV cache in place, every shared
-prefix read once per group, two kernel calls per layer whatever the number of groups.
+prefix read once per step, one kernel call per level of sharing plus one, whatever the number
+of groups.
 
-``build`` (once per step) splits the plan's first-level groups at their prefix where every
-member's queries sit after it (kernels/cascade_layout.py) — decodes *and* prefill chunks —
-and lays the step out as kernel items (kernels/cpu/):
+``build`` (once per step) finds the step's shared prefixes at every depth in its block tables
+(kernels/cascade_levels.py: system prompt, then document, ...) — for decodes *and* prefill
+chunks whose queries come after them — and lays the step out as kernel items (kernels/cpu/):
 
-    prefix = paged_attention(every group's rows, against the group's prefix blocks)  # float32 + LSE
-    out    = paged_attention(each sequence's own rows, keys from kv_start, merged with prefix)
+    part = paged_attention(every outermost span's rows, against the span's keys)    # float32 + LSE
+    part = paged_attention(every next-level span's rows, its keys, from part)         # per level
+    out  = paged_attention(each sequence's own rows, keys after its deepest span, from part)
 
-Without a split group (or in a sliding-window layer, where the prefix part would need each
+Without a shared span (or in a sliding-window layer, where a span's part would need each
 query's position) one call attends every sequence over its whole context. The kernel is
 compiled for this CPU on first use (kernels/cpu/build.py); where it cannot be, ``auto``
 runs the torch reference and says why.
@@ -21,13 +23,13 @@ from dataclasses import dataclass
 import torch
 
 from batchrun.kernels.backend import AttentionBackend, BackendCapabilities
-from batchrun.kernels.cascade_layout import cascade_layout
+from batchrun.kernels.cascade_levels import cascade_levels
 from batchrun.kernels.cpu import KeyItems, Partial, kernel, paged_attention
 from batchrun.kernels.metadata import AttentionMetadata
 from batchrun.kernels.torch_ref import write_kv
 
-# Splitting costs no extra call (the prefix pass runs for all groups at once), and it spares
-# (members - 1) reads of the prefix, so every group of two or more members is split.
+# A level of sharing costs one more call per layer (for all of its spans at once) and spares
+# (members - 1) reads of each span, so every span of two or more members is read once.
 CPU_CASCADE_MIN_SAVED_TOKENS = 1
 
 
@@ -35,13 +37,13 @@ CPU_CASCADE_MIN_SAVED_TOKENS = 1
 class CpuStepState:
     slot_mapping: torch.Tensor  # (T,) int64
     whole: KeyItems  # every sequence over its whole context
-    own: KeyItems | None  # every sequence after its group's prefix (None: no split group)
-    prefixes: KeyItems | None  # every split group's rows against its prefix
-    partial: Partial | None = None  # the prefix part's buffers, allocated by the first layer
+    own: KeyItems | None  # every sequence after its deepest shared span (None: no span)
+    levels: tuple[KeyItems, ...] = ()  # the shared spans' rows against their keys, outermost first
+    partial: Partial | None = None  # the spans' merged part, allocated by the first layer
 
     def prefix_buffers(self, query: torch.Tensor) -> Partial:
-        """(T, Hq, D) outputs and (T, Hq) LSEs for the prefix part, reused by every layer of
-        the step; rows outside the groups keep LSE -inf (no prefix part)."""
+        """(T, Hq, D) outputs and (T, Hq) LSEs for the spans' part, reused by every layer of
+        the step; rows in no span keep LSE -inf (no such part)."""
         if self.partial is None or self.partial.out.shape != query.shape:
             self.partial = Partial(
                 torch.empty(query.shape, dtype=torch.float32),
@@ -67,19 +69,15 @@ class CpuBackend(AttentionBackend):
         zeros = torch.zeros(num_seqs, dtype=torch.int32)
         tables = meta.block_tables.contiguous()
         whole = KeyItems(meta.cu_seqlens_q, tables, zeros, meta.seq_lens, causal=True)
-        layout = cascade_layout(meta, self.cascade_min_saved_tokens)
-        if layout is None:
-            return CpuStepState(meta.slot_mapping, whole, None, None)
-        own = KeyItems(meta.cu_seqlens_q, tables, layout.kv_start, meta.seq_lens, causal=True)
-        prefixes = KeyItems(
-            layout.cu_group_rows,
-            layout.group_tables,
-            torch.zeros(len(layout.group_prefix_len), dtype=torch.int32),
-            layout.group_prefix_len,
-            causal=False,
-            rows=layout.group_rows,
+        shared = cascade_levels(meta, self.cascade_min_saved_tokens)
+        if shared is None:
+            return CpuStepState(meta.slot_mapping, whole, None)
+        own = KeyItems(meta.cu_seqlens_q, tables, shared.kv_start, meta.seq_lens, causal=True)
+        levels = tuple(
+            KeyItems(level.cu_rows, level.tables, level.key_begin, level.key_end, causal=False, rows=level.rows)
+            for level in shared.levels
         )
-        return CpuStepState(meta.slot_mapping, whole, own, prefixes)
+        return CpuStepState(meta.slot_mapping, whole, own, levels)
 
     def write_kv(self, state, key, value, k_cache, v_cache) -> None:
         write_kv(key, value, k_cache, v_cache, state.slot_mapping)
@@ -92,8 +90,10 @@ class CpuBackend(AttentionBackend):
             return paged_attention(
                 query, k_cache, v_cache, whole, scale, out, softcap=softcap, sliding_window=sliding_window
             )
-        prefix = state.prefix_buffers(query)  # every group row is rewritten by this layer
-        paged_attention(
-            query, k_cache, v_cache, state.prefixes, scale, prefix.out, out_lse=prefix.lse, softcap=softcap
-        )
-        return paged_attention(query, k_cache, v_cache, state.own, scale, out, prior=prefix, softcap=softcap)
+        part = state.prefix_buffers(query)  # every span's rows are rewritten by this layer
+        for depth, level in enumerate(state.levels):  # in place: a row is in one span per level
+            prior = part if depth else None
+            paged_attention(
+                query, k_cache, v_cache, level, scale, part.out, out_lse=part.lse, prior=prior, softcap=softcap
+            )
+        return paged_attention(query, k_cache, v_cache, state.own, scale, out, prior=part, softcap=softcap)

@@ -46,14 +46,28 @@ inline void store(float* p, int64_t i, float f) { p[i] = f; }
 inline void store(uint16_t* p, int64_t i, float f) {  // round to nearest even, as torch does
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {
-    p[i] = 0x7fc0;  // NaN
-    return;
-  }
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  p[i] = uint16_t(bits >> 16);
-}
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  p[i] = (bits & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : uint16_t(rounded);  // NaN stays NaN
+}  // branch-free, so loops of stores vectorise
 inline void store(_Float16* p, int64_t i, float f) { p[i] = _Float16(f); }
+
+// x rounded to T and read back (what a torch operator's T output holds), branch-free.
+template <typename T>
+inline float round_to(float x);
+template <>
+inline float round_to<float>(float x) { return x; }
+template <>
+inline float round_to<uint16_t>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof x);
+  uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  rounded = (bits & 0x7fffffffu) > 0x7f800000u ? 0x7fc00000u : rounded;  // NaN stays NaN
+  float y;
+  std::memcpy(&y, &rounded, sizeof y);
+  return y;
+}
+template <>
+inline float round_to<_Float16>(float x) { return float(_Float16(x)); }
 
 // 16 floats, unaligned: GCC's vector extension lowers it to whatever the target has (one
 // AVX-512 register, two AVX2 ones, ...), so the micro-kernels below stay portable C++.
@@ -63,28 +77,41 @@ inline void vstore(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
 
-// e^x for x <= 0 on 16 lanes, in vector operations (the compiler does not vectorise std::exp,
-// nor a scalar version inside the softmax's masked loops): e^x = 2^n * 2^f with n = x log2 e
-// rounded to nearest (adding and subtracting 1.5 * 2^23, exact for |t| < 2^22), and 2^f for
-// |f| <= 1/2 by its degree-6 Taylor polynomial (relative error about 1e-7, float32's own
-// rounding). Inputs under -87 give about 1e-38 instead of less, which no softmax sum notices.
-inline v16 vexp_nonpositive(v16 x) {
-  const v16 lowest = v16{} - 87.0f;
-  x = x < lowest ? lowest : x;
-  const v16 t = x * 1.44269504088896341f;
+// 2^t on 16 lanes, for t <= 8 (scores against their running max), in vector operations (the
+// compiler does not vectorise std::exp): 2^t = 2^n * 2^f with n = t rounded to nearest and
+// 2^f for |f| <= 1/2 by its degree-6 Taylor polynomial (relative error about 1e-7, float32's
+// own rounding). With AVX-512, rounding and the scaling by 2^n are one instruction each
+// (vrndscaleps, vscalefps); elsewhere n is rounded by adding and subtracting 1.5 * 2^23 and
+// 2^n built in the exponent bits, with t clamped at -126 (2^-126 is float32's least normal
+// number; a softmax sum does not notice the difference from 0).
+inline v16 vexp2(v16 t) {
+#if defined(__AVX512F__)
+  const __m512 x = (__m512)t;
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const v16 f = (v16)_mm512_sub_ps(x, n);
+#else
+  const v16 lowest = v16{} - 126.0f;
+  t = t < lowest ? lowest : t;
   const v16 n = (t + 12582912.0f) - 12582912.0f;
   const v16 f = t - n;
+#endif
   v16 p = f * 1.5403530393381609e-4f + 1.3333558146428443e-3f;
   p = p * f + 9.6181291076284772e-3f;
   p = p * f + 5.5504108664821580e-2f;
   p = p * f + 2.4022650695910071e-1f;
   p = p * f + 6.9314718055994531e-1f;
   p = p * f + 1.0f;
+#if defined(__AVX512F__)
+  return (v16)_mm512_scalef_ps((__m512)p, n);
+#else
   const vi16 bits = (__builtin_convertvector(n, vi16) + 127) << 23;
   return p * reinterpret_cast<const v16&>(bits);
+#endif
 }
 
-inline float exp_nonpositive(float x) { return vexp_nonpositive(v16{} + x)[0]; }
+constexpr float kLog2e = 1.44269504088896341f;
+
+inline float exp_nonpositive(float x) { return vexp2(v16{} + x * kLog2e)[0]; }
 
 // The max and the sum of a vector's 16 lanes, as trees of 4 steps (a lane-by-lane loop is a
 // chain of 15 dependent operations, which the compiler keeps: floating-point order).
@@ -108,29 +135,45 @@ inline float reduce_add(v16 x) {
   return x[0];
 }
 
-// One query vector's scores for a chunk of kChunk keys (row[j], already scaled) become
-// probabilities against the running max: keys j0 <= j < j1 are visible (j0 < j1), the rest
-// become 0. Returns the new running max (max of m_old and the visible scores) and the
-// probabilities' sum.
+// How far a chunk's max may exceed the running max before the running max moves (natural
+// log; e^5.545 = 256): below it, probabilities up to 256 are accumulated against the old max
+// (exact -- the final division by the sum cancels the reference point) and the accumulators
+// are not rescaled, which on a causal prefill's chunks is most of the time.
+constexpr float kRescaleSlack = 5.545f;
+
+// One query vector's raw scores for a chunk of kChunk keys (row[j] = q . k_j, before the
+// softmax scale) become probabilities against the running max, in units of scaled scores:
+// row[j] = exp(scale * row[j] - m_new), computed as 2^(row[j] * scale log2 e - m_new log2 e),
+// one multiply-add per lane. Keys j0 <= j < j1 are visible (j0 < j1), the rest become 0; a
+// chunk seen whole (the common case inside a prefill) skips the masks. Returns the running
+// max to use from now on -- m_old, unless the chunk's visible scaled scores exceed it by more
+// than kRescaleSlack (or m_old is -inf), then their max -- and the probabilities' sum.
 template <int kChunk = kKeyChunk>
-inline void chunk_probabilities(float* row, int j0, int j1, float m_old, float& m_new, float& sum) {
+inline void chunk_probabilities(float* row, int j0, int j1, float scale, float m_old, float& m_new, float& sum) {
   static_assert(kChunk % 16 == 0, "whole vectors per row");
   constexpr int kVecs = kChunk / 16;
+  const bool whole = j0 == 0 && j1 == kChunk;
   const vi16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const v16 none = v16{} + kNegInf, zero = {};
   vi16 seen[kVecs];
   v16 x[kVecs], top = none;
 #pragma GCC unroll 8
   for (int b = 0; b < kVecs; ++b) {
-    seen[b] = (lane + 16 * b >= j0) & (lane + 16 * b < j1);
-    x[b] = seen[b] ? vload(row + 16 * b) : none;
+    x[b] = vload(row + 16 * b);
+    if (!whole) {
+      seen[b] = (lane + 16 * b >= j0) & (lane + 16 * b < j1);
+      x[b] = seen[b] ? x[b] : none;
+    }
     top = top > x[b] ? top : x[b];
   }
-  m_new = std::max(m_old, reduce_max(top));
+  const float chunk_max = reduce_max(top) * scale;  // scale > 0: the max of the scaled scores
+  m_new = chunk_max > m_old + kRescaleSlack ? chunk_max : m_old;  // m_old = -inf: chunk_max
+  const float c = scale * kLog2e, mc = m_new * kLog2e;
   v16 total = {};
 #pragma GCC unroll 8
   for (int b = 0; b < kVecs; ++b) {
-    const v16 p = seen[b] ? vexp_nonpositive(x[b] - m_new) : zero;
+    v16 p = vexp2(x[b] * c - mc);
+    if (!whole) p = seen[b] ? p : zero;
     vstore(row + 16 * b, p);
     total += p;
   }
@@ -277,6 +320,7 @@ constexpr bool kHaveAmx = true;
 constexpr int kAmxGroup = 16;
 constexpr int kAmxChunk = 128;
 constexpr int kAmxMinVectors = 8;
+constexpr int kAmxTileRows = 128;  // query rows per work unit
 
 // Linux hands out the tile registers' state per process, on request (arch_prctl
 // ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); without it the first tile instruction traps.
@@ -363,6 +407,7 @@ constexpr bool kHaveAmx = false;
 constexpr int kAmxGroup = 16;
 constexpr int kAmxChunk = 128;
 constexpr int kAmxMinVectors = 8;
+constexpr int kAmxTileRows = kTileRows;
 inline bool amx_permitted() { return false; }
 inline void amx_configure() {}
 template <int kD>

@@ -156,16 +156,20 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
   alignas(64) float o[kGroup][kD ? kD : kMaxHeadDim];
   for (int32_t k0 = tile_lo; k0 < tile_hi; k0 += kChunk) {
     const int kn = std::min<int32_t>(kChunk, tile_hi - k0);
+    // key k0 + j lives at offset `off` of block table[blk]; the next chunk's key j at
+    // (ahead_blk, ahead_off) -- stepped, not divided, per key
+    int32_t blk = k0 / B, off = k0 % B, ahead_blk = (k0 + kChunk) / B, ahead_off = (k0 + kChunk) % B;
     for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
-      const int32_t p = k0 + j;
-      const int64_t at = (int64_t(table[p / B]) * B + p % B) * kv_token + int64_t(u.kv_head) * D;
-      if (const int32_t ahead = p + kChunk; ahead < tile_hi) {  // the next chunk's key j
-        const int64_t next = (int64_t(table[ahead / B]) * B + ahead % B) * kv_token + int64_t(u.kv_head) * D;
+      const int64_t at = (int64_t(table[blk]) * B + off) * kv_token + int64_t(u.kv_head) * D;
+      if (k0 + kChunk + j < tile_hi) {
+        const int64_t next = (int64_t(table[ahead_blk]) * B + ahead_off) * kv_token + int64_t(u.kv_head) * D;
         for (int64_t byte = 0; byte < int64_t(D) * int64_t(sizeof(T)); byte += 64) {
           __builtin_prefetch(reinterpret_cast<const char*>(kc + next) + byte);
           __builtin_prefetch(reinterpret_cast<const char*>(vc + next) + byte);
         }
       }
+      if (++off == B) off = 0, ++blk;
+      if (++ahead_off == B) ahead_off = 0, ++ahead_blk;
       if (pairs) {
         uint32_t words[kMaxHeadDim / 2];
         std::memcpy(words, kc + at, sizeof(uint32_t) * (D / 2));
@@ -173,7 +177,8 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
         uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
         for (int d = 0; d < D; ++d) pair_row[2 * d] = vc[at + d];  // T is uint16_t here
         continue;
-      } else if (transposed)
+      }
+      if (transposed)
         for (int d = 0; d < D; ++d) kt[size_t(d) * kChunk + j] = load(kc, at + d);
       else
         for (int d = 0; d < D; ++d) kt[size_t(j) * D + d] = load(kc, at + d);
@@ -241,13 +246,14 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
           for (int j = 0; j < kChunk; ++j) s[i][j] = 0.f;
           continue;
         }
-        if (a.softcap > 0.f)
+        float scale = a.scale;  // soft-capping: capped scaled scores, then a scale of 1
+        if (a.softcap > 0.f) {
           for (int j = j0[i]; j < j1[i]; ++j) s[i][j] = std::tanh(s[i][j] * a.scale / a.softcap) * a.softcap;
-        else
-          for (int j = 0; j < kChunk; ++j) s[i][j] *= a.scale;
+          scale = 1.f;
+        }
         float m_new, sum;  // m_new is finite: the vector sees a key here
-        chunk_probabilities<kChunk>(s[i], j0[i], j1[i], m[v], m_new, sum);
-        alpha[i] = m[v] == kNegInf ? 0.f : exp_nonpositive(m[v] - m_new);
+        chunk_probabilities<kChunk>(s[i], j0[i], j1[i], scale, m[v], m_new, sum);
+        alpha[i] = m_new == m[v] ? 1.f : m[v] == kNegInf ? 0.f : exp_nonpositive(m[v] - m_new);
         l[v] = l[v] * alpha[i] + sum;
         m[v] = m_new;
       }
@@ -314,16 +320,19 @@ void attend(const PagedAttentionArgs& a, const Unit& u, std::vector<float>& scra
 
 template <typename T>
 void run(const PagedAttentionArgs& a) {
+  const bool amx = a.use_amx && std::is_same_v<T, uint16_t> && kHaveAmx && amx_permitted() &&
+                   (a.head_dim == 32 || a.head_dim == 64 || a.head_dim == 128);
+  // AMX tiles finish a chunk's products so fast that repacking its keys and values would
+  // dominate; taller work units repack each chunk once for more query rows.
+  const int32_t tile_rows = amx ? kAmxTileRows : kTileRows;
   std::vector<Unit> units;
   for (int32_t i = 0; i < a.num_items; ++i) {
     const int32_t n = a.cu_rows[i + 1] - a.cu_rows[i];
-    for (int32_t first = 0; first < n; first += kTileRows)
+    for (int32_t first = 0; first < n; first += tile_rows)
       for (int32_t h = 0; h < a.num_kv_heads; ++h)
-        units.push_back({i, first, std::min(kTileRows, n - first), h});
+        units.push_back({i, first, std::min(tile_rows, n - first), h});
   }
   const int64_t num_units = int64_t(units.size());
-  const bool amx = a.use_amx && std::is_same_v<T, uint16_t> && kHaveAmx && amx_permitted() &&
-                   (a.head_dim == 32 || a.head_dim == 64 || a.head_dim == 128);
 #pragma omp parallel
   {
     std::vector<float> scratch;

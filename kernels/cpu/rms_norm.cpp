@@ -32,11 +32,9 @@ void rms_norm(const T* x, const T* weight, T* out, int64_t rows, int64_t hidden,
       sum += v * v;
     }
     const float inv = 1.f / std::sqrt(sum / float(hidden) + eps);
-    for (int64_t d = 0; d < hidden; ++d) {
-      T y[1];
-      store(y, 0, load(xr, d) * inv);  // rounded to T, as .to(input_dtype) does
-      store(yr, d, load(weight, d) * load(y, 0));
-    }
+#pragma omp simd
+    for (int64_t d = 0; d < hidden; ++d)  // y rounded to T, as .to(input_dtype) does
+      store(yr, d, load(weight, d) * round_to<T>(load(xr, d) * inv));
   }
 }
 

@@ -23,13 +23,6 @@ using namespace batchrun_cpu;  // NOLINT: one translation unit
 namespace {
 
 template <typename T>
-inline float rounded(float x) {  // x as the dtype holds it
-  T y[1];
-  store(y, 0, x);
-  return load(y, 0);
-}
-
-template <typename T>
 __attribute__((optimize("fp-contract=off"))) void rotate(
     const T* x, const T* cos, const T* sin, T* out, int64_t tokens, int64_t heads, int64_t dim, int64_t x_token,
     int64_t x_head) {
@@ -41,10 +34,11 @@ __attribute__((optimize("fp-contract=off"))) void rotate(
     for (int64_t h = 0; h < heads; ++h) {
       const T* xr = x + t * x_token + h * x_head;
       T* yr = out + (t * heads + h) * dim;
+#pragma omp simd
       for (int64_t i = 0; i < half; ++i) {
         const float x1 = load(xr, i), x2 = load(xr, i + half);
-        const float a = rounded<T>(x1 * load(c, i)), b = rounded<T>(-x2 * load(s, i));
-        const float e = rounded<T>(x2 * load(c, i + half)), f = rounded<T>(x1 * load(s, i + half));
+        const float a = round_to<T>(x1 * load(c, i)), b = round_to<T>(-x2 * load(s, i));
+        const float e = round_to<T>(x2 * load(c, i + half)), f = round_to<T>(x1 * load(s, i + half));
         store(yr, i, a + b);
         store(yr, i + half, e + f);
       }
