@@ -74,8 +74,8 @@ class CpuBackend(AttentionBackend):
             return CpuStepState(meta.slot_mapping, whole, None)
         own = KeyItems(meta.cu_seqlens_q, tables, shared.kv_start, meta.seq_lens, causal=True)
         levels = tuple(
-            KeyItems(level.cu_rows, level.tables, level.key_begin, level.key_end, causal=False, rows=level.rows)
-            for level in shared.levels
+            KeyItems(lv.cu_rows, lv.tables, lv.key_begin, lv.key_end, causal=False, rows=lv.rows)
+            for lv in shared.levels
         )
         return CpuStepState(meta.slot_mapping, whole, own, levels)
 
@@ -93,7 +93,5 @@ class CpuBackend(AttentionBackend):
         part = state.prefix_buffers(query)  # every span's rows are rewritten by this layer
         for depth, level in enumerate(state.levels):  # in place: a row is in one span per level
             prior = part if depth else None
-            paged_attention(
-                query, k_cache, v_cache, level, scale, part.out, out_lse=part.lse, prior=prior, softcap=softcap
-            )
+            paged_attention(query, k_cache, v_cache, level, scale, part.out, part.lse, prior, softcap)
         return paged_attention(query, k_cache, v_cache, state.own, scale, out, prior=part, softcap=softcap)
