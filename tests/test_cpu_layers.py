@@ -1,6 +1,6 @@
-"""The CPU's one-pass RMSNorm and rotary embedding (kernels/cpu/rms_norm.py, rotary.py): they
-round as transformers' Llama code does, replace only layers that compute exactly that, and
-only during batchrun's steps."""
+"""The CPU's one-pass RMSNorm, rotary embedding and gated MLP (kernels/cpu/rms_norm.py,
+rotary.py, gated_mlp.py): they round as transformers' Llama code does, replace only layers
+that compute exactly that, and only during batchrun's steps."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from batchrun.core.engine.config import EngineConfig
@@ -22,7 +22,8 @@ from batchrun.core.planner.plan import build_plan
 from batchrun.core.planner.prompt_tokens import PromptTokens
 from batchrun.core.runner.layer_overrides import cpu_layer_overrides
 from batchrun.core.runner.model_loader import load_model
-from batchrun.kernels.cpu.rms_norm import fused_rms_norm_forward, rms_norm
+from batchrun.kernels.cpu.gated_mlp import silu_mul
+from batchrun.kernels.cpu.rms_norm import rms_norm
 from batchrun.kernels.cpu.rotary import fused_apply_rotary_pos_emb
 
 
@@ -51,9 +52,52 @@ def test_strided_rows_are_read_in_place():
 
 
 def test_only_layers_that_compute_llamas_formula_are_replaced():
-    model = torch.nn.Sequential(LlamaRMSNorm(8), Qwen2RMSNorm(8), GemmaRMSNorm(8), torch.nn.Linear(8, 8))
+    small = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2}
+    silu = LlamaConfig(**small, hidden_act="silu")
+    gelu = LlamaConfig(**small, hidden_act="gelu")
+    biased = LlamaConfig(**small, hidden_act="silu", mlp_bias=True)
+    model = torch.nn.Sequential(
+        LlamaRMSNorm(8), Qwen2RMSNorm(8), GemmaRMSNorm(8), torch.nn.Linear(8, 8),
+        LlamaMLP(silu), LlamaMLP(gelu), LlamaMLP(biased),
+    )  # fmt: skip
     overrides = cpu_layer_overrides(model)
-    assert set(overrides.forwards) == {model[0], model[1]}  # Gemma scales by (1 + weight): not it
+    # Gemma scales by (1 + weight); the MLP kernel is SiLU's, without biases
+    assert set(overrides.forwards) == {model[0], model[1], model[4]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width", [16, 2048, 37])
+def test_silu_mul_matches_torch(dtype, width):
+    gen = torch.Generator().manual_seed(width)
+    both = (torch.randn(45, 2 * width, generator=gen) * 4).to(dtype)
+    gate, up = both.split(width, dim=-1)  # halves of one fused projection: strided rows
+    expected, got = torch.nn.functional.silu(gate) * up, silu_mul(gate, up)
+    # the exp is batchrun's, not SLEEF's: float32 may differ in its last bits, bf16 / fp16
+    # only where those bits decide a rounding
+    if dtype != torch.float32:
+        assert (got == expected).float().mean() > 0.99
+    ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-9}[dtype]  # one rounding step
+    torch.testing.assert_close(got, expected, rtol=ulp, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gated_mlp_runs_the_layer_and_leaves_the_model_computing_what_it_did(dtype):
+    """In bf16 the gate and up weights become halves of one tensor (views, no copy): the layer
+    outside a step computes exactly what it did; inside, one product and the fused kernel."""
+    config = LlamaConfig(hidden_size=64, intermediate_size=176, num_attention_heads=4, hidden_act="silu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(LlamaMLP(config)).to(dtype)
+    mlp, x = model[0], torch.randn(1, 21, 64).to(dtype)
+    before = mlp(x)
+    overrides = cpu_layer_overrides(model)
+    assert set(overrides.forwards) == {mlp}
+    if dtype == torch.bfloat16:
+        base = mlp.gate_proj.weight.untyped_storage().data_ptr()
+        assert mlp.up_proj.weight.untyped_storage().data_ptr() == base  # one tensor, two views
+    assert torch.equal(mlp(x), before)
+    with overrides:
+        during = mlp(x)
+    torch.testing.assert_close(during, before, rtol=2**-7 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
 
 
 def test_overrides_hold_during_steps_only_and_the_model_stays_pristine(tiny_llama):
@@ -61,22 +105,28 @@ def test_overrides_hold_during_steps_only_and_the_model_stays_pristine(tiny_llam
     engine = build_engine(loaded, EngineConfig(attention_backend="cpu"))
     overrides = engine.runner.overrides
     assert len(overrides) and "one-pass CPU kernels for RMSNorm in" in engine.info.attention_backend_choice
+    assert "the gated MLP in" in engine.info.attention_backend_choice
     calls = []
 
-    def counted(self, x):
-        calls.append(1)
-        return fused_rms_norm_forward(self, x)
+    def counting(forward):
+        def run(self, *args, **kwargs):
+            calls.append(self)
+            return forward(self, *args, **kwargs)
 
-    overrides.forwards = dict.fromkeys(overrides.forwards, counted)
+        return run
+
+    overrides.forwards = {module: counting(forward) for module, forward in overrides.forwards.items()}
     tokens = PromptTokens.from_lists([[5, 6, 7, 8]])
     plan = build_plan(tokens, np.ones(1, bool), np.array([2]), 16, sharing=True, order="plan")
     rows = [Row(0, "0", "row 0", params=SamplingParams(max_tokens=2, temperature=0))]
     list(engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=True)))
     steps = engine.stats.steps
     assert steps and len(calls) == steps * len(overrides.forwards)  # every layer, every step
-    assert all("forward" not in vars(norm) for norm in overrides.forwards)  # nothing left behind
-    norm = next(iter(overrides.forwards))
-    norm(torch.randn(2, norm.weight.shape[0]))  # outside a step: transformers' own layer
+    assert {type(m).__name__ for m in calls} == {"LlamaRMSNorm", "LlamaMLP"}
+    assert all("forward" not in vars(module) for module in overrides.forwards)  # nothing left behind
+    for module in overrides.forwards:  # outside a step: transformers' own layers
+        width = module.weight.shape[0] if hasattr(module, "weight") else module.hidden_size
+        module(torch.randn(2, width))
     assert len(calls) == steps * len(overrides.forwards)
     assert modeling_llama in overrides.functions  # the rotary embedding was replaced ...
     assert modeling_llama.apply_rotary_pos_emb is not fused_apply_rotary_pos_emb  # ... and restored

@@ -1,6 +1,6 @@
 """Compile the CPU kernels once per machine and load them with ctypes.
 
-The kernels (paged attention, RMSNorm, rotary embedding) are C++ files and a header with
+The kernels (paged attention, RMSNorm, rotary embedding, SiLU-and-multiply) are C++ files and a header with
 no dependency beyond the compiler's OpenMP (no torch headers, so they build in seconds, not
 the minute a ``torch.utils.cpp_extension`` build of the same code takes), into one library. It is
 compiled with ``-march=native`` for the CPU it runs on, into a cache keyed by the sources,
@@ -29,7 +29,9 @@ import torch
 
 from batchrun.kernels.backend import BackendUnavailable
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_attention.cpp", "rms_norm.cpp", "rotary.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("paged_attention.cpp", "rms_norm.cpp", "rotary.cpp", "silu_mul.cpp")
+)
 HEADERS = (Path(__file__).with_name("microkernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
 BUILD_TIMEOUT_S = 300

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__AVX512BF16__) || defined(__AMX_BF16__)
 #include <immintrin.h>
@@ -76,6 +77,33 @@ inline v16 vload(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void vstore(float* p, v16 x) { *reinterpret_cast<v16*>(p) = x; }
 
 typedef int32_t vi16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t vu16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vh16 __attribute__((vector_size(32), aligned(2)));
+
+// 16 consecutive elements as floats, and 16 floats rounded to T and stored / read back
+// (round16: the value a torch operator's T output holds), as whole-vector operations.
+inline v16 load16(const float* p) { return vload(p); }
+inline v16 load16(const uint16_t* p) {
+  const vu16 bits = __builtin_convertvector(*reinterpret_cast<const vh16*>(p), vu16) << 16;
+  return reinterpret_cast<const v16&>(bits);
+}
+inline vu16 bf16_bits(v16 x) {  // round to nearest even in the top 16 bits; NaN stays NaN
+  const vu16 bits = reinterpret_cast<const vu16&>(x);
+  const vu16 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+  return (bits & 0x7fffffffu) > 0x7f800000u ? vu16{} + 0x7fc00000u : rounded;
+}
+inline void store16(float* p, v16 x) { vstore(p, x); }
+inline void store16(uint16_t* p, v16 x) {
+  *reinterpret_cast<vh16*>(p) = __builtin_convertvector(bf16_bits(x) >> 16, vh16);
+}
+template <typename T>
+inline v16 round16(v16 x) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    const vu16 bits = bf16_bits(x);
+    return reinterpret_cast<const v16&>(bits);
+  }
+  return x;
+}
 
 // 2^t on 16 lanes, for t <= 8 (scores against their running max), in vector operations (the
 // compiler does not vectorise std::exp): 2^t = 2^n * 2^f with n = t rounded to nearest and
