@@ -25,8 +25,8 @@ import torch
 from batchrun.kernels.backend import AttentionBackend, BackendCapabilities
 from batchrun.kernels.cascade_levels import cascade_levels
 from batchrun.kernels.cpu import KeyItems, Partial, kernel, paged_attention
+from batchrun.kernels.cpu.kv_write import write_kv
 from batchrun.kernels.metadata import AttentionMetadata
-from batchrun.kernels.torch_ref import write_kv
 
 # A level of sharing costs one more call per layer (for all of its spans at once) and spares
 # (members - 1) reads of each span, so every span of two or more members is read once.

@@ -30,7 +30,8 @@ import torch
 from batchrun.kernels.backend import BackendUnavailable
 
 SOURCES = tuple(
-    Path(__file__).with_name(n) for n in ("paged_attention.cpp", "rms_norm.cpp", "rotary.cpp", "silu_mul.cpp")
+    Path(__file__).with_name(n)
+    for n in ("paged_attention.cpp", "rms_norm.cpp", "rotary.cpp", "silu_mul.cpp", "kv_write.cpp")
 )
 HEADERS = (Path(__file__).with_name("microkernels.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")

@@ -327,6 +327,75 @@ inline void group_accumulate_bf16(
       for (int b = 0; b < kVecs; ++b) _mm512_storeu_ps(acc + i * kD + c + 16 * b, o[i][b]);
   }
 }
+
+// 16 rows of 16 32-bit words transposed in registers (r[i] word j becomes r[j] word i), in
+// three rounds of 16 shuffles: pairs of rows interleaved by words, then by word pairs (each
+// 128-bit lane then holds one column's 4 words of a row quartet), then 128-bit lanes
+// regrouped across quartets in two steps.
+inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  // u[4g + c], lane L: column 4L + c of rows 4g .. 4g + 3
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {  // lanes (0, 2) and (1, 3) of quartets 0 | 1 and 2 | 3
+    t[c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    t[8 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    t[12 + c] = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0x88);           // columns 0 .. 3
+    r[8 + c] = _mm512_shuffle_i32x4(t[c], t[8 + c], 0xdd);       // columns 8 .. 11
+    r[4 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0x88);  // columns 4 .. 7
+    r[12 + c] = _mm512_shuffle_i32x4(t[4 + c], t[12 + c], 0xdd); // columns 12 .. 15
+  }
+}
+
+// A chunk's bf16 keys (key j's head row at keys[j], kD dims; j < kn) into the pairs layout of
+// the dot-product kernels, kp: (kD / 2, kChunk) words, word (d, j) = key j's dims 2d, 2d + 1.
+// That is the transpose of the keys' own (kChunk, kD / 2) words, done 16 x 16 in registers;
+// keys kn and later are zeros.
+template <int kD, int kChunk>
+inline void repack_key_pairs(const uint16_t* const* keys, int kn, uint32_t* __restrict__ kp) {
+  static_assert(kD % 32 == 0 && kChunk % 16 == 0, "16 x 16 word blocks");
+  for (int j = 0; j < kChunk; j += 16) {
+    for (int d = 0; d < kD / 2; d += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = j + i < kn ? _mm512_loadu_si512(keys[j + i] + 2 * d) : _mm512_setzero_si512();
+      if (j < kn) transpose16(r);
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(kp + (d + i) * kChunk + j, r[i]);
+    }
+  }
+}
+
+// A chunk's bf16 values (key j's head row at values[j]; j < kn) as pairs of *keys*, vp:
+// (kChunk / 2, kD) words, word (p, d) = dim d of keys 2p (low half) and 2p + 1; keys kn and
+// later are zeros. One two-source permute interleaves 16 dims of the two keys.
+template <int kD, int kChunk>
+inline void repack_value_pairs(const uint16_t* const* values, int kn, uint32_t* __restrict__ vp) {
+  static_assert(kD % 32 == 0 && kChunk % 2 == 0, "32-dim blocks, whole key pairs");
+  const __m512i low = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                       37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i high = _mm512_add_epi16(low, _mm512_set1_epi16(16));
+  for (int p = 0; p < kChunk / 2; ++p) {
+    const int j = 2 * p;
+    for (int d = 0; d < kD; d += 32) {
+      const __m512i a = j < kn ? _mm512_loadu_si512(values[j] + d) : _mm512_setzero_si512();
+      const __m512i b = j + 1 < kn ? _mm512_loadu_si512(values[j + 1] + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(vp + p * kD + d, _mm512_permutex2var_epi16(a, low, b));
+      _mm512_storeu_si512(vp + p * kD + d + 16, _mm512_permutex2var_epi16(a, high, b));
+    }
+  }
+}
 #else
 constexpr bool kHaveBf16Dot = false;
 
@@ -334,6 +403,10 @@ template <int kD>
 inline void group_scores_bf16(const uint32_t*, const uint32_t*, float (*)[kKeyChunk]) {}
 template <int kD>
 inline void group_accumulate_bf16(float*, const uint32_t*, const float (*)[kKeyChunk], const float*, int, int) {}
+template <int kD, int kChunk>
+inline void repack_key_pairs(const uint16_t* const*, int, uint32_t*) {}
+template <int kD, int kChunk>
+inline void repack_value_pairs(const uint16_t* const*, int, uint32_t*) {}
 #endif
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__) && defined(__linux__)

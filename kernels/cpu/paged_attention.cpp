@@ -6,9 +6,9 @@
 // work is split into (item, kv head, tile of query rows) units run in parallel with OpenMP;
 // inside a unit the tile's query heads of that kv head (GQA packed: G heads per row) walk the
 // keys a chunk at a time, so each key and value is loaded and converted once per tile. In
-// bf16, on CPUs with AVX-512 BF16, tiles of many vectors keep queries, keys and values bf16
-// and use the dot-product micro-kernels (microkernels.h): keys repacked as pairs of dims,
-// values as pairs of keys.
+// bf16, on CPUs with AVX-512 BF16 (or AMX tiles), queries, keys and values stay bf16 and go
+// through the dot-product micro-kernels (microkernels.h): a chunk's keys transposed in
+// registers into pairs of dims per word, its values interleaved into pairs of keys.
 //
 // Softmax is online, in float32, in natural log. A call can start from a partial result over
 // disjoint keys (prior_out, prior_lse): that is how a group's prefix part and each member's
@@ -106,13 +106,13 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
   int32_t* lo = reinterpret_cast<int32_t*>(l + padded);       // visible keys [lo, hi)
   int32_t* hi = lo + padded;
 
-  // Many query vectors amortise transposing each key chunk (prefill tiles); few (a decode's
-  // G heads) do not, and take dot products key by key -- except on AMX, where even a
-  // decode's G vectors are cheaper as one tile.
-  const bool transposed = kAmx || nvec >= kTransposeMinVectors;
-  // ... and with bf16 dot products, queries and keys stay bf16, as pairs of dims per word:
-  // qp (padded, D / 2) over qf's memory, kp (D / 2, chunk) over kt's
-  const bool pairs = kAmx || (kBf16Dot && transposed);
+  // With bf16 dot products (AVX-512 BF16 or AMX), queries and keys stay bf16, as pairs of
+  // dims per word -- qp (padded, D / 2) over qf's memory, kp (D / 2, chunk) over kt's -- and
+  // a chunk's keys are transposed into kp in registers, cheap even for a decode's G vectors.
+  constexpr bool kPairs = kAmx || kBf16Dot;
+  // In float32, many query vectors amortise transposing each key chunk (prefill tiles); few
+  // (a decode's G heads) do not, and take dot products key by key.
+  const bool transposed = !kPairs && nvec >= kTransposeMinVectors;
   uint32_t* qp = reinterpret_cast<uint32_t*>(qf);
   uint32_t* kp = reinterpret_cast<uint32_t*>(kt);
   uint32_t* vp = reinterpret_cast<uint32_t*>(vf);  // (chunk / 2, D): values, pairs of keys
@@ -122,7 +122,7 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
     m[v] = kNegInf;
     l[v] = 0.f;
     for (int d = 0; d < D; ++d) acc[size_t(v) * D + d] = 0.f;
-    if (pairs)
+    if (kPairs)
       for (int d = 0; d < D / 2; ++d) qp[size_t(v) * (D / 2) + d] = 0u;
     else
       for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = 0.f;
@@ -140,7 +140,7 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       lo[v] = row_lo;
       hi[v] = row_hi;
       const int64_t at = int64_t(row) * q_row + int64_t(head) * D;
-      if (pairs)
+      if (kPairs)
         std::memcpy(qp + size_t(v) * (D / 2), q + at, sizeof(uint32_t) * (D / 2));
       else
         for (int d = 0; d < D; ++d) qf[size_t(v) * D + d] = load(q, at + d);
@@ -159,8 +159,12 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
     // key k0 + j lives at offset `off` of block table[blk]; the next chunk's key j at
     // (ahead_blk, ahead_off) -- stepped, not divided, per key
     int32_t blk = k0 / B, off = k0 % B, ahead_blk = (k0 + kChunk) / B, ahead_off = (k0 + kChunk) % B;
-    for (int j = 0; j < kn; ++j) {  // the chunk's keys and values, read in place
+    const T* krow[kChunk];  // the chunk's key and value head rows, read in place
+    const T* vrow[kChunk];
+    for (int j = 0; j < kn; ++j) {
       const int64_t at = (int64_t(table[blk]) * B + off) * kv_token + int64_t(u.kv_head) * D;
+      krow[j] = kc + at;
+      vrow[j] = vc + at;
       if (k0 + kChunk + j < tile_hi) {
         const int64_t next = (int64_t(table[ahead_blk]) * B + ahead_off) * kv_token + int64_t(u.kv_head) * D;
         for (int64_t byte = 0; byte < int64_t(D) * int64_t(sizeof(T)); byte += 64) {
@@ -170,30 +174,21 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       }
       if (++off == B) off = 0, ++blk;
       if (++ahead_off == B) ahead_off = 0, ++ahead_blk;
-      if (pairs) {
-        uint32_t words[kMaxHeadDim / 2];
-        std::memcpy(words, kc + at, sizeof(uint32_t) * (D / 2));
-        for (int d = 0; d < D / 2; ++d) kp[size_t(d) * kChunk + j] = words[d];
-        uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
-        for (int d = 0; d < D; ++d) pair_row[2 * d] = vc[at + d];  // T is uint16_t here
-        continue;
+    }
+    if constexpr (kPairs) {  // keys past the chunk's end score 0 and add nothing (finite zeros)
+      repack_key_pairs<kD, kChunk>(reinterpret_cast<const uint16_t* const*>(krow), kn, kp);
+      repack_value_pairs<kD, kChunk>(reinterpret_cast<const uint16_t* const*>(vrow), kn, vp);
+    } else {
+      for (int j = 0; j < kn; ++j) {
+        if (transposed)
+          for (int d = 0; d < D; ++d) kt[size_t(d) * kChunk + j] = load(krow[j], d);
+        else
+          for (int d = 0; d < D; ++d) kt[size_t(j) * D + d] = load(krow[j], d);
+        for (int d = 0; d < D; ++d) vf[size_t(j) * D + d] = load(vrow[j], d);
       }
       if (transposed)
-        for (int d = 0; d < D; ++d) kt[size_t(d) * kChunk + j] = load(kc, at + d);
-      else
-        for (int d = 0; d < D; ++d) kt[size_t(j) * D + d] = load(kc, at + d);
-      for (int d = 0; d < D; ++d) vf[size_t(j) * D + d] = load(vc, at + d);
-    }
-    if (pairs) {  // keys past the chunk's end score 0 and add nothing (finite zeros)
-      for (int d = 0; d < D / 2; ++d)
-        for (int j = kn; j < kChunk; ++j) kp[size_t(d) * kChunk + j] = 0u;
-      for (int j = kn; j < kChunk; ++j) {
-        uint16_t* pair_row = reinterpret_cast<uint16_t*>(vp + size_t(j / 2) * D) + (j & 1);
-        for (int d = 0; d < D; ++d) pair_row[2 * d] = 0;
-      }
-    } else if (transposed) {
-      for (int d = 0; d < D; ++d)
-        for (int j = kn; j < kChunk; ++j) kt[size_t(d) * kChunk + j] = 0.f;
+        for (int d = 0; d < D; ++d)
+          for (int j = kn; j < kChunk; ++j) kt[size_t(d) * kChunk + j] = 0.f;
     }
 
     for (int v0 = 0; v0 < padded; v0 += kVecGroup) {
@@ -208,7 +203,7 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       // scores s[i][j] = q_i . k_j
       if constexpr (kAmx) {
         amx_scores<kAmx ? kD : 32>(qp + size_t(v0) * (D / 2), kp, s);
-      } else if (pairs) {
+      } else if (kPairs) {
         group_scores_bf16<kBf16Dot ? kD : 64>(qp + size_t(v0) * (D / 2), kp, s);
       } else if (kBlocked && transposed) {
         group_scores<kBlocked ? kD : 64>(qf + size_t(v0) * D, kt, s);
@@ -261,7 +256,7 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       // acc += p . V, with the group's accumulators held in o across the chunk's keys
       if constexpr (kAmx) {
         amx_accumulate<kAmx ? kD : 32>(acc + size_t(v0) * D, vp, s, alpha);
-      } else if (pairs) {
+      } else if (kPairs) {
         group_accumulate_bf16<kBf16Dot ? kD : 64>(acc + size_t(v0) * D, vp, s, alpha, first, last);
       } else if (kBlocked) {
         group_accumulate<kBlocked ? kD : 64>(acc + size_t(v0) * D, vf, s, alpha, first, last);
@@ -332,6 +327,13 @@ void run(const PagedAttentionArgs& a) {
       for (int32_t h = 0; h < a.num_kv_heads; ++h)
         units.push_back({i, first, std::min(tile_rows, n - first), h});
   }
+  // Largest units first: dynamic scheduling then ends with small ones, and no thread waits
+  // long at the end for another's last prefill tile. Work ~ keys x (rows + 1): a unit's
+  // chunks are repacked once and scored for every row.
+  const auto work = [&](const Unit& u) {
+    return int64_t(a.key_end[u.item] - a.key_begin[u.item]) * (u.count + 1);
+  };
+  std::stable_sort(units.begin(), units.end(), [&](const Unit& x, const Unit& y) { return work(x) > work(y); });
   const int64_t num_units = int64_t(units.size());
 #pragma omp parallel
   {
