@@ -10,8 +10,12 @@ kernels (kernels/triton/):
     out      = merge_attention_into(own, prefix)                                 # one launch
 
 Every group's prefix keys are read once for all its queries; each sequence reads only its
-own keys after the prefix. Layers with a sliding window skip the split (the prefix kernel
-knows no query positions) and run the plain paged kernel over the whole context.
+own keys after the prefix. A launch that would leave a GPU underfilled (a few long decodes,
+a few groups with long prefixes) walks its keys in several programs and adds one reduce
+launch (split-KV, kernels/triton/split_kv.py); ``build`` hands the kernels the longest key
+runs from host copies, so choosing costs no device sync. Layers with a sliding window skip
+the cascade (the prefix kernel knows no query positions) and run the plain paged kernel over
+the whole context.
 
 On CUDA the kernels are compiled; on CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported), which is how the tests check them.
@@ -48,6 +52,9 @@ class TritonStepState:
     seq_lens: torch.Tensor  # (S,) int32
     block_tables: torch.Tensor  # (S, W) int32, null-block padded
     max_q_len: int
+    max_kv_len: int  # most keys one sequence reads in the plain kernel
+    max_own_kv_len: int  # ... and after its group's prefix, when the cascade splits
+    max_prefix_len: int  # longest split-off prefix (0 without a cascade)
     cascade: CascadeLayout | None
 
 
@@ -72,13 +79,23 @@ class TritonBackend(AttentionBackend):
         )
 
     def build(self, meta: AttentionMetadata) -> TritonStepState:
+        cascade = cascade_layout(meta, self.cascade_min_saved_tokens)
+        max_kv_len = max(meta.seq_lens_host)
+        max_own_kv_len, max_prefix_len = max_kv_len, 0
+        if cascade is not None:
+            own = zip(meta.seq_lens_host, cascade.kv_start_host, strict=True)
+            max_own_kv_len = max(seq_len - start for seq_len, start in own)
+            max_prefix_len = max(cascade.group_prefix_len_host)
         return TritonStepState(
             slot_mapping=meta.slot_mapping,
             cu_seqlens_q=meta.cu_seqlens_q,
             seq_lens=meta.seq_lens,
             block_tables=meta.block_tables,
             max_q_len=max(meta.q_lens_host),
-            cascade=cascade_layout(meta, self.cascade_min_saved_tokens),
+            max_kv_len=max_kv_len,
+            max_own_kv_len=max_own_kv_len,
+            max_prefix_len=max_prefix_len,
+            cascade=cascade,
         )
 
     def write_kv(self, state, key, value, k_cache, v_cache) -> None:
@@ -87,13 +104,19 @@ class TritonBackend(AttentionBackend):
     def forward(self, state, query, k_cache, v_cache, scale, softcap=None, sliding_window=None):
         cascade = state.cascade
         step = (query, k_cache, v_cache, state.cu_seqlens_q, state.seq_lens, state.block_tables, scale)
+        hints = {"max_q_len": state.max_q_len}
         if cascade is None or sliding_window:
             return paged_attention(
-                *step, softcap=softcap, sliding_window=sliding_window, max_q_len=state.max_q_len
+                *step, softcap=softcap, sliding_window=sliding_window, max_kv_len=state.max_kv_len, **hints
             )
         # each sequence's own keys (after its group's prefix), then every group's prefix, merged
         out, lse = paged_attention(
-            *step, kv_start=cascade.kv_start, return_lse=True, softcap=softcap, max_q_len=state.max_q_len
+            *step,
+            kv_start=cascade.kv_start,
+            return_lse=True,
+            softcap=softcap,
+            max_kv_len=state.max_own_kv_len,
+            **hints,
         )
         prefix = prefix_attention(
             query,
@@ -106,6 +129,7 @@ class TritonBackend(AttentionBackend):
             scale,
             softcap,
             max_group_rows=cascade.max_group_rows,
+            max_prefix_len=state.max_prefix_len,
         )
         merge_attention_into(out, lse, cascade.group_rows, prefix.out, prefix.lse)
         return out

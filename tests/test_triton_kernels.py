@@ -37,6 +37,7 @@ from batchrun.kernels.triton import (  # noqa: E402
     supported_block_size,
     supported_head_dim,
 )
+from batchrun.kernels.triton.split_kv import choose_num_splits, splits_for  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NULL = 0  # the null block id padding every block table
@@ -407,6 +408,93 @@ def test_agrees_with_the_torch_reference():
             torch.testing.assert_close(got[cu[i] : cu[i + 1]].cpu(), want, atol=1e-5, rtol=1e-5)
 
 
+# -- split-KV ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seqs=packed_steps(max_seqs=3, max_len=300),
+    layout=layouts,
+    num_splits=st.sampled_from([2, 3, 5]),
+    seed=st.integers(0, 2**16),
+    softcap=st.sampled_from([None, 4.0]),
+    window=st.sampled_from([None, 7, 100]),
+    causal=st.booleans(),
+    use_kv_start=st.booleans(),
+)
+def test_split_kv_matches_dense(seqs, layout, num_splits, seed, softcap, window, causal, use_kv_start):
+    """Any number of splits, including more splits than a sequence has key tiles (the empty
+    ones must weigh nothing), a kv_start that skips the first splits' keys, and windows."""
+    step = build_step(seqs, [], head_dim=32, dtype=torch.float32, seed=seed, **layout)
+    kv_start = None
+    if use_kv_start:
+        gen = torch.Generator().manual_seed(seed)
+        kv_start = [int(torch.randint(0, s.kv_len + 1, (1,), generator=gen)) for s in seqs]
+        poison(step, kv_start)
+    options = {"causal": causal, "softcap": softcap, "sliding_window": window, "return_lse": True}
+    if use_kv_start:
+        options["kv_start"] = torch.tensor(kv_start, dtype=torch.int32, device=DEVICE)
+    out, lse = run_paged(step, 0.2, num_splits=num_splits, **options)
+    want, want_lse = reference_paged(
+        step, 0.2, kv_start=kv_start, causal=causal, softcap=softcap, window=window
+    )
+    assert_close(out, want, torch.float32)
+    assert_lse_close(lse, want_lse)
+    unsplit, unsplit_lse = run_paged(step, 0.2, num_splits=1, **options)
+    torch.testing.assert_close(out, unsplit, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, unsplit_lse, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4, 16])
+def test_split_prefix_attention_matches_dense(num_splits):
+    """Two groups, long and short prefixes (one ragged), split into runs of key tiles."""
+    prefixes = [300, 37]
+    seqs = [Seq(1, 305, 0), Seq(6, 320, 0), Seq(1, 301, 0), Seq(1, 40, 1), Seq(3, 45, 1)]
+    step = build_step(
+        seqs, prefixes, block_size=16, num_kv_heads=2, group=4, head_dim=32, dtype=torch.float32, seed=11
+    )
+    groups = (step.group_rows, step.cu_group_rows, step.group_tables, step.group_prefix_len)
+    out, lse = prefix_attention(
+        step.query, step.k_cache, step.v_cache, *groups, 0.2, 4.0, num_splits=num_splits
+    )
+    cu = step.cu_group_rows.tolist()
+    for g, p in enumerate(prefixes):
+        member = next(i for i, s in enumerate(seqs) if s.group == g)
+        q = step.query[step.group_rows[cu[g] : cu[g + 1]].long()].cpu()
+        visible = torch.ones(q.shape[0], p, dtype=torch.bool)
+        want, want_lse = dense_attention(q, step.keys[member][:p], step.values[member][:p], visible, 0.2, 4.0)
+        assert_close(out[cu[g] : cu[g + 1]], want, torch.float32)
+        assert_lse_close(lse[cu[g] : cu[g + 1]], want_lse)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_split_kv_in_half_precision(dtype):
+    """Partials stay fp32; the output comes back in the query dtype, within the unsplit's tolerance."""
+    seqs = [Seq(1, 400), Seq(1, 130), Seq(5, 260, 0), Seq(1, 250, 0)]
+    step = build_step(seqs, [192], block_size=32, num_kv_heads=2, group=2, head_dim=64, dtype=dtype, seed=5)
+    want, _ = reference_paged(step, 0.125)
+    out = run_paged(step, 0.125, num_splits=4)
+    assert out.dtype == dtype
+    assert_close(out, want, dtype)
+
+
+def test_how_many_splits():
+    """Split only a launch that would underfill the device, never below 256 keys a split, at
+    most 16, a power of two; never on CPU, nor without a hint of the longest key run."""
+    assert splits_for(programs=8, longest_keys=4096, target_programs=264) == 16
+    assert splits_for(programs=8, longest_keys=1024, target_programs=264) == 4
+    assert splits_for(programs=64, longest_keys=8192, target_programs=264) == 4  # ceil(264 / 64) = 5
+    assert splits_for(programs=300, longest_keys=8192, target_programs=264) == 1
+    assert splits_for(programs=8, longest_keys=400, target_programs=264) == 1
+    assert choose_num_splits(8, 8192, torch.device("cpu")) == 1
+    assert choose_num_splits(8, None, torch.device("cuda")) == 1
+    step = build_step(
+        [Seq(1, 20)], [], block_size=16, num_kv_heads=1, group=1, head_dim=16, dtype=torch.float32, seed=1
+    )
+    with pytest.raises(ValueError, match="num_splits"):
+        run_paged(step, 1.0, num_splits=0)
+
+
 # -- merge -------------------------------------------------------------------------------------
 
 
@@ -490,7 +578,7 @@ def test_declared_support():
     assert all(supported_head_dim(d) for d in (16, 32, 64, 128, 256))
     assert not any(supported_head_dim(d) for d in (8, 48, 80, 96, 512))
     assert CAPABILITIES.paged_softcap and CAPABILITIES.paged_sliding_window and CAPABILITIES.prefix_softcap
-    assert not CAPABILITIES.prefix_sliding_window and not CAPABILITIES.paged_split_kv
+    assert not CAPABILITIES.prefix_sliding_window and CAPABILITIES.paged_split_kv
     q, cache = torch.zeros(1, 1, 48, device=DEVICE), torch.zeros(1, 16, 1, 48, device=DEVICE)
     i32 = {"dtype": torch.int32, "device": DEVICE}
     meta = (torch.tensor([0, 1], **i32), torch.tensor([1], **i32), torch.zeros(1, 1, **i32))

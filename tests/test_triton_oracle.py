@@ -55,3 +55,26 @@ def test_triton_backend_equals_transformers_generate(
     assert engine.runner.backend.name == "triton"
     assert got == expected
     assert calls, "no step split a group's prefix off"
+
+
+def test_triton_backend_with_split_kv_equals_transformers_generate(loaded, tiny_llama, monkeypatch):
+    """Every attention launch split three ways (split-KV and its reduce), chunked prefill."""
+    splits = []
+
+    def split(kernel):
+        def call(*args, **kwargs):
+            splits.append(kernel.__name__)
+            return kernel(*args, **{**kwargs, "num_splits": 3})
+
+        return call
+
+    monkeypatch.setattr(triton_backend, "paged_attention", split(triton_backend.paged_attention))
+    monkeypatch.setattr(triton_backend, "prefix_attention", split(triton_backend.prefix_attention))
+    prompts = [loaded.tokenizer(t)["input_ids"] for t in TEXTS]
+    max_tokens = [5, 4, 6, 3]
+    expected = reference_generate(tiny_llama, prompts, max_tokens)
+    got, _ = run_engine(
+        loaded, prompts, max_tokens, block_size=8, token_budget=12, attention_backend="triton"
+    )
+    assert got == expected
+    assert {"paged_attention", "prefix_attention"} <= set(splits)

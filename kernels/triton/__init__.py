@@ -9,6 +9,8 @@ only under Triton's interpreter (``TRITON_INTERPRET=1`` set before this package 
 * ``prefix_attention``    — every group's queries over its shared prefix, one launch
 * ``merge_attention``     — log-sum-exp merge of two partial attentions
   (``merge_attention_into``: in place into the full output at given rows)
+* ``split_kv``            — split-KV for the two attention kernels (``num_splits``): when
+  splitting pays, and the reduce launch that folds the splits
 
 Cascade for a group's members: ``paged_attention(..., kv_start=prefix_len, return_lse=True)``
 over their own keys, ``prefix_attention`` over the shared prefix, then

@@ -32,7 +32,7 @@ CAPABILITIES = Capabilities(
     paged_softcap=True,
     paged_sliding_window=True,
     paged_kv_start=True,
-    paged_split_kv=False,  # one program walks a query tile's whole context (see paged_attention.py)
+    paged_split_kv=True,  # split_kv.py: a tile's keys over several programs, then a reduce
     prefix_softcap=True,
     # The prefix part is non-causal and knows no query positions; a windowed model must not
     # use the cascade split unless the window covers every sequence (then pass no window).

@@ -23,10 +23,11 @@ online softmax in base 2 (exp2), ``acc = acc * alpha + p @ v``. The LSE it retur
 log (``lse = (m + log2 l) * ln 2``). A row that sees no key (``kv_start`` at or past its
 position, or an empty window) gets out = 0 and lse = -inf, so a later merge ignores it.
 
-Not done (yet): split-KV. One program walks a query tile's whole context, so a step of a
-few very long decodes uses few programs; a second "reduce" launch over KV splits (flash
-decoding) would fix that. Causal tiles are also masked everywhere, not only on the diagonal.
-Neither changes results.
+Split-KV (split_kv.py): a step of a few long decodes would give few programs, each walking
+a whole context; with ``num_splits`` > 1 a third grid axis cuts each tile's keys into runs
+of whole key tiles, every program writes a partial (out fp32, lse) and one more launch
+reduces the splits. Causal tiles are masked everywhere, not only on the diagonal (this
+changes no result).
 """
 
 from __future__ import annotations
@@ -46,14 +47,21 @@ from batchrun.kernels.triton._common import (
     scores_base2,
     weighted_values,
 )
+from batchrun.kernels.triton.split_kv import (
+    choose_num_splits,
+    reduce_splits,
+    split_buffers,
+    split_key_range,
+    split_strides,
+)
 
 
 @triton.jit
 def _paged_attention_kernel(
-    Q, K, V, Out, Lse,  # (T, Hq, D), (num_blocks, block_size, Hkv, D) x2, (T, Hq, D), (T, Hq)
+    Q, K, V, Out, Lse,  # (T, Hq, D), (num_blocks, block_size, Hkv, D) x2, ([NS,] T, Hq, D), ([NS,] T, Hq)
     cu_seqlens_q, seq_lens, kv_start, block_tables,  # (S + 1,), (S,), (S,), (S, W) int32
     num_seqs, scale, softcap, window,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_qt, stride_qh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_lh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bs, stride_bw,
     G: tl.constexpr,  # query heads per kv head
@@ -64,10 +72,12 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     CAUSAL: tl.constexpr, HAS_KV_START: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     USE_WINDOW: tl.constexpr, WRITE_LSE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # > 1: Out / Lse are the fp32 partials of split program_id(2)
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     seq, q_tile = find_tile(cu_seqlens_q, tl.program_id(0), num_seqs, BLOCK_Q)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
 
     q_begin = tl.load(cu_seqlens_q + seq)
     q_len = tl.load(cu_seqlens_q + seq + 1) - q_begin
@@ -101,13 +111,16 @@ def _paged_attention_kernel(
     if CAUSAL:  # up to the tile's last query
         hi = tl.minimum(seq_len, first_pos + tl.minimum(q_tile * BLOCK_Q + BLOCK_Q, q_len))
 
+    # this program's split of them: whole key tiles [tile_lo, tile_hi)
+    tile_lo, tile_hi = split_key_range((lo // BLOCK_N) * BLOCK_N, hi, split, NUM_SPLITS, BLOCK_N)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     # -- the tile loop over the sequence's keys, through its block table --------------------
     table = block_tables + seq.to(tl.int64) * stride_bs
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+    for start_n in range(tile_lo, tile_hi, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) cache positions
         key_ok = (pos >= lo) & (pos < hi)
         page = tl.load(table + (pos // BLOCK_SIZE) * stride_bw, mask=key_ok, other=0).to(tl.int64)
@@ -147,12 +160,12 @@ def _paged_attention_kernel(
     out, lse = finish(acc, m_i, l_i)
     # out block: (BLOCK_M, HEAD_DIM); lse block: (BLOCK_M,)
     tl.store(
-        Out + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        Out + split * stride_os + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    if WRITE_LSE:
-        tl.store(Lse + row * stride_lt + head * stride_lh, lse, mask=row_ok)
+    if WRITE_LSE or NUM_SPLITS > 1:
+        tl.store(Lse + split * stride_ls + row * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
 def paged_attention(
@@ -170,13 +183,17 @@ def paged_attention(
     sliding_window: int | None = None,
     return_lse: bool = False,
     max_q_len: int | None = None,  # longest chunk of the step: a tile-size hint, never synced
+    max_kv_len: int | None = None,  # most keys any sequence reads (after kv_start): a split hint
+    num_splits: int | None = None,  # key splits per program; None: choose_num_splits
 ) -> torch.Tensor | AttentionOutput:
     """Attention of every packed query over its sequence's paged keys, one launch.
 
     Returns out (T, Hq, D) in the query dtype, or ``AttentionOutput(out, lse)`` with the
     natural-log LSE (T, Hq) float32 when ``return_lse``. ``causal=False`` lets every query of
     a sequence see all ``seq_lens[i]`` keys. ``sliding_window=w`` keeps keys with
-    ``pos > query_pos - w``; ``softcap=c`` applies ``c * tanh(s / c)`` to the scaled scores."""
+    ``pos > query_pos - w``; ``softcap=c`` applies ``c * tanh(s / c)`` to the scaled scores.
+    ``num_splits`` > 1 walks each tile's keys in that many programs and reduces them (split-KV;
+    by default only on a GPU the launch would underfill, given ``max_kv_len``)."""
     block_size, num_kv_heads, group = check_cache(query, k_cache, v_cache)
     num_tokens, num_heads, head_dim = query.shape
     num_seqs = seq_lens.shape[0]
@@ -197,18 +214,28 @@ def paged_attention(
     # Tile rows for the longest chunk if known, else for the mean one (T / S, no sync).
     hint = max_q_len if max_q_len is not None else -(-num_tokens // num_seqs)
     block_q, block_m = query_tile(hint, group, cap=32 if head_dim > 128 else 64)
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)  # flat query tiles (see find_tile)
-    _paged_attention_kernel[grid](
-        query, k_cache, v_cache, out, lse,
+    tiles = num_tokens // block_q + num_seqs  # flat query tiles (see find_tile)
+    if num_splits is None:
+        num_splits = choose_num_splits(tiles * num_kv_heads, max_kv_len, query.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    part_out, part_lse = out, lse  # written directly without splits
+    if num_splits > 1:
+        part_out, part_lse = split_buffers(num_splits, num_tokens, num_heads, head_dim, query.device)
+    _paged_attention_kernel[(tiles, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, part_out, part_lse,
         cu_seqlens_q, seq_lens, kv_start if kv_start is not None else seq_lens, block_tables,
         num_seqs, float(scale), float(softcap or 0.0), int(sliding_window or 0),
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        query.stride(0), query.stride(1),
+        *split_strides(part_out, num_splits), *split_strides(part_lse, num_splits),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         *block_tables.stride(),
         G=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 64 else 32,
         CAUSAL=causal, HAS_KV_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
-        USE_WINDOW=sliding_window is not None, WRITE_LSE=return_lse,
+        USE_WINDOW=sliding_window is not None, WRITE_LSE=return_lse, NUM_SPLITS=num_splits,
         **dot_flags(query.dtype, query.device),
     )  # fmt: skip
+    if num_splits > 1:
+        reduce_splits(part_out, part_lse, out, lse if return_lse else None)
     return AttentionOutput(out, lse) if return_lse else out

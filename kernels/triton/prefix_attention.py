@@ -15,6 +15,9 @@ pass). The grid is (flat query tiles, kv heads), as in paged_attention.py::
 A tile holds up to 128 rows (64 for D > 64), so a group of up to 128 / G queries reads
 its prefix exactly once per kv head; a larger group reads it once per tile of queries.
 
+A few groups with long prefixes give few programs; ``num_splits`` > 1 cuts each prefix into
+runs of whole key tiles walked by separate programs, reduced by one more launch (split_kv.py).
+
 The result is a partial attention: ``(out, lse)`` over the prefix keys only, natural-log
 LSE, to be merged (merge.py) with each query's attention over its own keys after the prefix
 (``paged_attention(..., kv_start=prefix_len)``). No sliding window here (the prefix part
@@ -38,14 +41,21 @@ from batchrun.kernels.triton._common import (
     scores_base2,
     weighted_values,
 )
+from batchrun.kernels.triton.split_kv import (
+    choose_num_splits,
+    reduce_splits,
+    split_buffers,
+    split_key_range,
+    split_strides,
+)
 
 
 @triton.jit
 def _prefix_attention_kernel(
-    Q, K, V, Out, Lse,  # (T, Hq, D), (num_blocks, block_size, Hkv, D) x2, (Tg, Hq, D), (Tg, Hq)
+    Q, K, V, Out, Lse,  # (T, Hq, D), (num_blocks, block_size, Hkv, D) x2, ([NS,] Tg, Hq, D), ([NS,] Tg, Hq)
     group_rows, cu_group_rows, group_tables, group_prefix_len,  # (Tg,), (NG + 1,), (NG, W), (NG,) int32
     num_groups, scale, softcap,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_lt, stride_lh,
+    stride_qt, stride_qh, stride_os, stride_ot, stride_oh, stride_ls, stride_lt, stride_lh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bg, stride_bw,
     G: tl.constexpr,  # query heads per kv head
@@ -54,10 +64,13 @@ def _prefix_attention_kernel(
     BLOCK_Q: tl.constexpr,  # group queries per tile; BLOCK_Q * G <= BLOCK_M
     BLOCK_M: tl.constexpr,  # rows per tile, (query, head) pairs: a power of two >= 16
     BLOCK_N: tl.constexpr,  # keys per tile
-    USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,  # > 1: Out / Lse are the fp32 partials of split program_id(2)
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     grp, q_tile = find_tile(cu_group_rows, tl.program_id(0), num_groups, BLOCK_Q)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
 
     r_begin = tl.load(cu_group_rows + grp)
     num_rows = tl.load(cu_group_rows + grp + 1) - r_begin
@@ -86,7 +99,8 @@ def _prefix_attention_kernel(
 
     # -- the tile loop over the shared prefix: each K/V tile read once for the whole tile ----
     table = group_tables + grp.to(tl.int64) * stride_bg
-    for start_n in range(0, prefix_len, BLOCK_N):
+    tile_lo, tile_hi = split_key_range(0, prefix_len, split, NUM_SPLITS, BLOCK_N)  # this split's keys
+    for start_n in range(tile_lo, tile_hi, BLOCK_N):
         pos = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         key_ok = pos < prefix_len
         page = tl.load(table + (pos // BLOCK_SIZE) * stride_bw, mask=key_ok, other=0).to(tl.int64)
@@ -120,11 +134,11 @@ def _prefix_attention_kernel(
     out, lse = finish(acc, m_i, l_i)
     # out block: (BLOCK_M, HEAD_DIM); lse block: (BLOCK_M,)
     tl.store(
-        Out + out_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        Out + split * stride_os + out_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
-    tl.store(Lse + out_row * stride_lt + head * stride_lh, lse, mask=row_ok)
+    tl.store(Lse + split * stride_ls + out_row * stride_lt + head * stride_lh, lse, mask=row_ok)
 
 
 def prefix_attention(
@@ -139,11 +153,15 @@ def prefix_attention(
     softcap: float | None = None,
     *,
     max_group_rows: int | None = None,  # largest group: a tile-size hint, never synced
+    max_prefix_len: int | None = None,  # longest prefix: a split hint, never synced
+    num_splits: int | None = None,  # key splits per program; None: choose_num_splits
 ) -> AttentionOutput:
     """Each group's queries against its shared prefix keys, non-causal, all groups in one launch.
 
     Returns ``AttentionOutput(out (Tg, Hq, D), lse (Tg, Hq) float32 natural log)`` in
-    ``group_rows`` order; a group with prefix length 0 gives out = 0, lse = -inf."""
+    ``group_rows`` order; a group with prefix length 0 gives out = 0, lse = -inf.
+    ``num_splits`` > 1 walks each prefix in that many programs and reduces them (split-KV;
+    by default only on a GPU the launch would underfill, given ``max_prefix_len``)."""
     block_size, num_kv_heads, group = check_cache(query, k_cache, v_cache)
     num_heads, head_dim = query.shape[1:]
     num_groups = group_prefix_len.shape[0]
@@ -161,16 +179,26 @@ def prefix_attention(
     # As many rows as the largest group has (if known, else the mean one), up to 128 / 64.
     hint = max_group_rows if max_group_rows is not None else -(-num_rows // num_groups)
     block_q, block_m = query_tile(hint, group, cap=64 if head_dim > 64 else 128)
-    grid = (num_rows // block_q + num_groups, num_kv_heads)  # flat query tiles (see find_tile)
-    _prefix_attention_kernel[grid](
-        query, k_cache, v_cache, out, lse,
+    tiles = num_rows // block_q + num_groups  # flat query tiles (see find_tile)
+    if num_splits is None:
+        num_splits = choose_num_splits(tiles * num_kv_heads, max_prefix_len, query.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    part_out, part_lse = out, lse  # written directly without splits
+    if num_splits > 1:
+        part_out, part_lse = split_buffers(num_splits, num_rows, num_heads, head_dim, query.device)
+    _prefix_attention_kernel[(tiles, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, part_out, part_lse,
         group_rows, cu_group_rows, group_tables, group_prefix_len,
         num_groups, float(scale), float(softcap or 0.0),
-        query.stride(0), query.stride(1), out.stride(0), out.stride(1), lse.stride(0), lse.stride(1),
+        query.stride(0), query.stride(1),
+        *split_strides(part_out, num_splits), *split_strides(part_lse, num_splits),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         *group_tables.stride(),
         G=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 64 else 32,
-        USE_SOFTCAP=bool(softcap), **dot_flags(query.dtype, query.device),
+        USE_SOFTCAP=bool(softcap), NUM_SPLITS=num_splits, **dot_flags(query.dtype, query.device),
     )  # fmt: skip
+    if num_splits > 1:
+        reduce_splits(part_out, part_lse, out, lse)
     return AttentionOutput(out, lse)
