@@ -26,6 +26,7 @@ enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 constexpr int kTileRows = 32;    // query rows per work unit (x G heads each)
 constexpr int kKeyChunk = 32;    // keys converted and scored at a time
+constexpr int kBf16KeyChunk = 64;  // ... with bf16 dot products (group_scores_bf16)
 constexpr int kTransposeMinVectors = 8;
 constexpr int kMaxHeadDim = 256;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -262,47 +263,56 @@ inline void group_accumulate(
 constexpr bool kHaveBf16Dot = true;
 
 // The bf16 twin of group_scores, for CPUs with AVX-512 BF16 (what -march=native enables where
-// the CPU has it): q (4 vectors, stride kD / 2) and the chunk's keys (kp: (kD / 2, 32)) are
-// bfloat16 *pairs* — dims 2d and 2d+1 in one 32-bit word — and each dot-product instruction
-// multiplies a broadcast query pair with 16 keys' pairs, accumulating in float32: half the
-// instructions of the float32 path, and keys are repacked, not converted. Products of bf16
-// are exact in float32, so scores match the float32 path's up to summation order.
-template <int kD>
-inline void group_scores_bf16(const uint32_t* __restrict__ q, const uint32_t* __restrict__ kp, float (*s)[kKeyChunk]) {
-  static_assert(kKeyChunk == 32 && kD % 2 == 0, "two vectors of keys per pair row");
-  constexpr int kPairs = kD / 2;
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, e0 = a0, e1 = a0;
+// the CPU has it): q (4 vectors, stride kD / 2) and the chunk's keys (kp: (kD / 2, kChunk))
+// are bfloat16 *pairs* — dims 2d and 2d+1 in one 32-bit word — and each dot-product
+// instruction multiplies a broadcast query pair with 16 keys' pairs, accumulating in float32:
+// half the instructions of the float32 path, and keys are repacked, not converted. Products
+// of bf16 are exact in float32, so scores match the float32 path's up to summation order.
+// The attention kernel runs it over chunks of kBf16KeyChunk = 64 keys (16 accumulators): the
+// per-chunk work around the products — the softmax's row reductions, rescaling and storing
+// the accumulators — then comes once per 64 keys (measured 5-8% faster prefill attention than
+// 32 on an AVX-512 BF16 machine without AMX).
+template <int kD, int kChunk = kKeyChunk>
+inline void group_scores_bf16(const uint32_t* __restrict__ q, const uint32_t* __restrict__ kp, float (*s)[kChunk]) {
+  static_assert(kChunk % 16 == 0 && kChunk <= 64 && kD % 2 == 0, "up to four vectors of keys per pair row");
+  constexpr int kPairs = kD / 2, kKeyVecs = kChunk / 16;
+  __m512 acc[kGroup][kKeyVecs];  // 16 registers at 64 keys; each key load serves kGroup queries
+#pragma GCC unroll 4
+  for (int i = 0; i < kGroup; ++i)
+#pragma GCC unroll 4
+    for (int b = 0; b < kKeyVecs; ++b) acc[i][b] = _mm512_setzero_ps();
   for (int d = 0; d < kPairs; ++d) {
-    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + d * kKeyChunk);
-    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + d * kKeyChunk + 16);
-    const __m512bh q0 = (__m512bh)_mm512_set1_epi32(int32_t(q[d]));
-    const __m512bh q1 = (__m512bh)_mm512_set1_epi32(int32_t(q[kPairs + d]));
-    const __m512bh q2 = (__m512bh)_mm512_set1_epi32(int32_t(q[2 * kPairs + d]));
-    const __m512bh q3 = (__m512bh)_mm512_set1_epi32(int32_t(q[3 * kPairs + d]));
-    a0 = _mm512_dpbf16_ps(a0, q0, k0), a1 = _mm512_dpbf16_ps(a1, q0, k1);
-    b0 = _mm512_dpbf16_ps(b0, q1, k0), b1 = _mm512_dpbf16_ps(b1, q1, k1);
-    c0 = _mm512_dpbf16_ps(c0, q2, k0), c1 = _mm512_dpbf16_ps(c1, q2, k1);
-    e0 = _mm512_dpbf16_ps(e0, q3, k0), e1 = _mm512_dpbf16_ps(e1, q3, k1);
+    __m512bh k[kKeyVecs];
+#pragma GCC unroll 4
+    for (int b = 0; b < kKeyVecs; ++b) k[b] = (__m512bh)_mm512_loadu_si512(kp + d * kChunk + 16 * b);
+#pragma GCC unroll 4
+    for (int i = 0; i < kGroup; ++i) {
+      const __m512bh qi = (__m512bh)_mm512_set1_epi32(int32_t(q[i * kPairs + d]));
+#pragma GCC unroll 4
+      for (int b = 0; b < kKeyVecs; ++b) acc[i][b] = _mm512_dpbf16_ps(acc[i][b], qi, k[b]);
+    }
   }
-  _mm512_storeu_ps(s[0], a0), _mm512_storeu_ps(s[0] + 16, a1);
-  _mm512_storeu_ps(s[1], b0), _mm512_storeu_ps(s[1] + 16, b1);
-  _mm512_storeu_ps(s[2], c0), _mm512_storeu_ps(s[2] + 16, c1);
-  _mm512_storeu_ps(s[3], e0), _mm512_storeu_ps(s[3] + 16, e1);
+#pragma GCC unroll 4
+  for (int i = 0; i < kGroup; ++i)
+#pragma GCC unroll 4
+    for (int b = 0; b < kKeyVecs; ++b) _mm512_storeu_ps(s[i] + 16 * b, acc[i][b]);
 }
 
 // The bf16 twin of group_accumulate: acc_i = alpha_i acc_i + sum_j p[i][j] v_j with the
 // probabilities rounded to bf16 (as FlashAttention does before its P.V product; the softmax
-// sum l stays float32) and the chunk's values as pairs of *keys* per word (vp: (16, kD),
-// word (j, d) = keys 2j and 2j+1 at dim d), so one instruction adds two keys' terms to 16 dims.
-template <int kD>
+// sum l stays float32) and the chunk's values as pairs of *keys* per word (vp: (kChunk / 2,
+// kD), word (j, d) = keys 2j and 2j+1 at dim d), so one instruction adds two keys' terms to
+// 16 dims.
+template <int kD, int kChunk = kKeyChunk>
 inline void group_accumulate_bf16(
-    float* __restrict__ acc, const uint32_t* __restrict__ vp, const float (*p)[kKeyChunk], const float* alpha,
+    float* __restrict__ acc, const uint32_t* __restrict__ vp, const float (*p)[kChunk], const float* alpha,
     int first, int last) {
   constexpr int kCols = kD < 64 ? kD : 64, kVecs = kCols / 16;
-  static_assert(kCols % 16 == 0 && kD % kCols == 0, "whole column blocks");
-  alignas(64) uint32_t pp[kGroup][kKeyChunk / 2];  // each vector's probabilities, key pairs
+  static_assert(kCols % 16 == 0 && kD % kCols == 0 && kChunk % 32 == 0, "whole column and key blocks");
+  alignas(64) uint32_t pp[kGroup][kChunk / 2];  // each vector's probabilities, key pairs
   for (int i = 0; i < kGroup; ++i)
-    _mm512_storeu_si512(pp[i], (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p[i] + 16), _mm512_loadu_ps(p[i])));
+    for (int c = 0; c < kChunk; c += 32)  // word w of a block: keys c + 2w, c + 2w + 1
+      _mm512_storeu_si512(pp[i] + c / 2, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p[i] + c + 16), _mm512_loadu_ps(p[i] + c)));
   const int pair_first = first / 2, pair_last = (last + 1) / 2;
   for (int c = 0; c < kD; c += kCols) {
     __m512 o[kGroup][kVecs];
@@ -399,10 +409,10 @@ inline void repack_value_pairs(const uint16_t* const* values, int kn, uint32_t* 
 #else
 constexpr bool kHaveBf16Dot = false;
 
-template <int kD>
-inline void group_scores_bf16(const uint32_t*, const uint32_t*, float (*)[kKeyChunk]) {}
-template <int kD>
-inline void group_accumulate_bf16(float*, const uint32_t*, const float (*)[kKeyChunk], const float*, int, int) {}
+template <int kD, int kChunk = kKeyChunk>
+inline void group_scores_bf16(const uint32_t*, const uint32_t*, float (*)[kChunk]) {}
+template <int kD, int kChunk = kKeyChunk>
+inline void group_accumulate_bf16(float*, const uint32_t*, const float (*)[kChunk], const float*, int, int) {}
 template <int kD, int kChunk>
 inline void repack_key_pairs(const uint16_t* const*, int, uint32_t*) {}
 template <int kD, int kChunk>

@@ -85,7 +85,7 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
   // ... or tiles of 16 vectors on AMX (the caller checks the CPU, the OS and the head dim)
   static_assert(!kAmx || (kHaveAmx && std::is_same_v<T, uint16_t> && kD % 32 == 0));
   constexpr int kVecGroup = kAmx ? kAmxGroup : kGroup;  // vectors scored together
-  constexpr int kChunk = kAmx ? kAmxChunk : kKeyChunk;   // keys per chunk
+  constexpr int kChunk = kAmx ? kAmxChunk : kBf16Dot ? kBf16KeyChunk : kKeyChunk;  // keys per chunk
   const int D = kD ? kD : a.head_dim, G = a.num_q_heads / a.num_kv_heads, B = a.block_size;
   const int nvec = u.count * G;                            // query vectors in the tile
   const int padded = (nvec + kVecGroup - 1) / kVecGroup * kVecGroup;  // ... in whole groups
@@ -203,8 +203,8 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       // scores s[i][j] = q_i . k_j
       if constexpr (kAmx) {
         amx_scores<kAmx ? kD : 32>(qp + size_t(v0) * (D / 2), kp, s);
-      } else if (kPairs) {
-        group_scores_bf16<kBf16Dot ? kD : 64>(qp + size_t(v0) * (D / 2), kp, s);
+      } else if constexpr (kPairs) {
+        group_scores_bf16<kBf16Dot ? kD : 64, kChunk>(qp + size_t(v0) * (D / 2), kp, s);
       } else if (kBlocked && transposed) {
         group_scores<kBlocked ? kD : 64>(qf + size_t(v0) * D, kt, s);
       } else if (transposed) {  // lanes over keys; each key row loaded once for the group
@@ -256,8 +256,8 @@ void attend_unit(const PagedAttentionArgs& a, const Unit& u, std::vector<float>&
       // acc += p . V, with the group's accumulators held in o across the chunk's keys
       if constexpr (kAmx) {
         amx_accumulate<kAmx ? kD : 32>(acc + size_t(v0) * D, vp, s, alpha);
-      } else if (kPairs) {
-        group_accumulate_bf16<kBf16Dot ? kD : 64>(acc + size_t(v0) * D, vp, s, alpha, first, last);
+      } else if constexpr (kPairs) {
+        group_accumulate_bf16<kBf16Dot ? kD : 64, kChunk>(acc + size_t(v0) * D, vp, s, alpha, first, last);
       } else if (kBlocked) {
         group_accumulate<kBlocked ? kD : 64>(acc + size_t(v0) * D, vf, s, alpha, first, last);
       } else {
