@@ -27,6 +27,8 @@ been available to this project to tune them on (the GPU benchmark is where they 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -143,7 +145,13 @@ def reduce_splits(
 
 
 def multiprocessor_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _multiprocessors(index)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:  # asked once per device, not once per launch
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def choose_num_splits(programs: int, longest_keys: int | None, device: torch.device) -> int:
