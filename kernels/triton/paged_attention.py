@@ -48,9 +48,8 @@ from batchrun.kernels.triton._common import (
     weighted_values,
 )
 from batchrun.kernels.triton.split_kv import (
-    choose_num_splits,
+    plan_splits,
     reduce_splits,
-    split_buffers,
     split_key_range,
     split_strides,
 )
@@ -215,13 +214,7 @@ def paged_attention(
     hint = max_q_len if max_q_len is not None else -(-num_tokens // num_seqs)
     block_q, block_m = query_tile(hint, group, cap=32 if head_dim > 128 else 64)
     tiles = num_tokens // block_q + num_seqs  # flat query tiles (see find_tile)
-    if num_splits is None:
-        num_splits = choose_num_splits(tiles * num_kv_heads, max_kv_len, query.device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    part_out, part_lse = out, lse  # written directly without splits
-    if num_splits > 1:
-        part_out, part_lse = split_buffers(num_splits, num_tokens, num_heads, head_dim, query.device)
+    num_splits, part_out, part_lse = plan_splits(num_splits, tiles * num_kv_heads, max_kv_len, out, lse)
     _paged_attention_kernel[(tiles, num_kv_heads, num_splits)](
         query, k_cache, v_cache, part_out, part_lse,
         cu_seqlens_q, seq_lens, kv_start if kv_start is not None else seq_lens, block_tables,

@@ -42,9 +42,8 @@ from batchrun.kernels.triton._common import (
     weighted_values,
 )
 from batchrun.kernels.triton.split_kv import (
-    choose_num_splits,
+    plan_splits,
     reduce_splits,
-    split_buffers,
     split_key_range,
     split_strides,
 )
@@ -180,13 +179,7 @@ def prefix_attention(
     hint = max_group_rows if max_group_rows is not None else -(-num_rows // num_groups)
     block_q, block_m = query_tile(hint, group, cap=64 if head_dim > 64 else 128)
     tiles = num_rows // block_q + num_groups  # flat query tiles (see find_tile)
-    if num_splits is None:
-        num_splits = choose_num_splits(tiles * num_kv_heads, max_prefix_len, query.device)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    part_out, part_lse = out, lse  # written directly without splits
-    if num_splits > 1:
-        part_out, part_lse = split_buffers(num_splits, num_rows, num_heads, head_dim, query.device)
+    num_splits, part_out, part_lse = plan_splits(num_splits, tiles * num_kv_heads, max_prefix_len, out, lse)
     _prefix_attention_kernel[(tiles, num_kv_heads, num_splits)](
         query, k_cache, v_cache, part_out, part_lse,
         group_rows, cu_group_rows, group_tables, group_prefix_len,

@@ -105,6 +105,21 @@ def _reduce_splits_kernel(
         tl.store(Lse + r * stride_lt + h * stride_lh, lse, mask=ok)
 
 
+def plan_splits(
+    num_splits: int | None, programs: int, longest_keys: int | None, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A launch's splits (``num_splits``, or ``choose_num_splits`` when None) and where its
+    programs write: ``out`` / ``lse`` themselves without splits, else fp32 split buffers
+    shaped after them."""
+    if num_splits is None:
+        num_splits = choose_num_splits(programs, longest_keys, out.device)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if num_splits == 1:
+        return 1, out, lse
+    return num_splits, *split_buffers(num_splits, *out.shape, out.device)
+
+
 def split_buffers(
     num_splits: int, num_rows: int, num_heads: int, head_dim: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
