@@ -117,16 +117,9 @@ def plan_splits(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if num_splits == 1:
         return 1, out, lse
-    return num_splits, *split_buffers(num_splits, *out.shape, out.device)
-
-
-def split_buffers(
-    num_splits: int, num_rows: int, num_heads: int, head_dim: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scratch for the partial attentions: out (NS, R, H, D) and lse (NS, R, H), both fp32."""
-    part_out = torch.empty((num_splits, num_rows, num_heads, head_dim), dtype=torch.float32, device=device)
-    part_lse = torch.empty((num_splits, num_rows, num_heads), dtype=torch.float32, device=device)
-    return part_out, part_lse
+    part_out = torch.empty((num_splits, *out.shape), dtype=torch.float32, device=out.device)  # (NS, R, H, D)
+    part_lse = torch.empty((num_splits, *lse.shape), dtype=torch.float32, device=out.device)  # (NS, R, H)
+    return num_splits, part_out, part_lse
 
 
 def split_strides(buffer: torch.Tensor, num_splits: int) -> tuple[int, int, int]:
