@@ -10,7 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from batchrun.kernels.backend import AttentionBackend, BackendCapabilities, BackendUnavailable
+from batchrun.kernels.backend import (
+    AttentionBackend,
+    BackendCapabilities,
+    BackendUnavailable,
+    GraphInputs,
+)
 from batchrun.kernels.metadata import AttentionMetadata
 
 __all__ = [
@@ -18,6 +23,7 @@ __all__ = [
     "AttentionMetadata",
     "BackendCapabilities",
     "BackendUnavailable",
+    "GraphInputs",
     "available_backends",
     "get_backend",
 ]

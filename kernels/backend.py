@@ -35,6 +35,7 @@ class BackendCapabilities:
     sliding_window: bool = True
     shared_prefix: bool = False  # reads a first-level group's prefix once for all its members
     in_place: bool = True  # reads the paged KV cache through the block tables (False: gathers copies)
+    cuda_graphs: bool = False  # honours AttentionMetadata.static_shapes and has graph_inputs
 
     def unsupported(
         self,
@@ -66,6 +67,14 @@ class BackendCapabilities:
         if sliding_window and not self.sliding_window:
             return "has no sliding-window attention (this model uses it)"
         return None
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """What lets a CUDA graph captured for one step replay another of the same padded shape."""
+
+    key: tuple  # host values the launches bake in (tile sizes, split counts): equal keys, same kernels
+    tensors: tuple[torch.Tensor, ...]  # every device tensor of the state the launches read
 
 
 class AttentionBackend(ABC):
@@ -100,3 +109,8 @@ class AttentionBackend(ABC):
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         """Causal attention of each sequence's new queries over its cached keys; (T, Hq, D)."""
+
+    def graph_inputs(self, state: Any) -> GraphInputs:
+        """For a state built from ``static_shapes`` metadata: the key a CUDA graph of it is
+        stored under, and the tensors a replay refreshes (backends with ``cuda_graphs``)."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not run in CUDA graphs")

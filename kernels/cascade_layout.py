@@ -16,6 +16,10 @@ import torch
 from batchrun.kernels.metadata import AttentionMetadata
 
 
+def next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 @dataclass(frozen=True)
 class CascadeLayout:
     """The step's split groups, as the prefix kernels read them."""
@@ -54,22 +58,44 @@ def cascade_layout(meta: AttentionMetadata, min_saved_tokens: int) -> CascadeLay
             rows.extend(range(starts[i], starts[i] + q_lens[i]))
             kv_start[i] = prefix_len
         cu.append(len(rows))
-    width = max(prefix_len for prefix_len, _ in chosen) // meta.block_size
+    prefix_lens = [prefix_len for prefix_len, _ in chosen]
+    max_group_rows = max(cu[g + 1] - cu[g] for g in range(len(chosen)))
     firsts = [members[0] for _, members in chosen]
+    width = max(prefix_lens) // meta.block_size
     tables = meta.block_tables[firsts, :width]  # members share these columns (their prefix)
+    if meta.static_shapes:
+        rows, cu, prefix_lens, tables = _pad_for_graph(meta, rows, cu, prefix_lens, tables)
+        max_group_rows = next_power_of_2(max_group_rows)  # a tile-size hint: few distinct values
     device = meta.block_tables.device
 
     def int32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32).to(device, non_blocking=True)
 
-    prefix_lens = [prefix_len for prefix_len, _ in chosen]
     return CascadeLayout(
         group_rows=int32(rows),
         cu_group_rows=int32(cu),
         group_tables=tables,
         group_prefix_len=int32(prefix_lens),
         kv_start=int32(kv_start),
-        max_group_rows=max(cu[g + 1] - cu[g] for g in range(len(chosen))),
+        max_group_rows=max_group_rows,
         kv_start_host=tuple(kv_start),
         group_prefix_len_host=tuple(prefix_lens),
     )
+
+
+def _pad_for_graph(
+    meta: AttentionMetadata, rows: list[int], cu: list[int], prefix_lens: list[int], tables: torch.Tensor
+) -> tuple[list[int], list[int], list[int], torch.Tensor]:
+    """The layout padded to shapes set by the step's T, S and table width alone (CUDA graphs):
+    S + 1 groups, T group rows, full-width tables. One more group with no prefix takes every
+    row outside the real groups — its prefix part is out = 0, lse = -inf, so merging it leaves
+    those rows exactly as they were, and each row is still merged once — then empty groups."""
+    num_tokens, num_seqs, width = meta.q_starts_host[-1], len(meta.q_lens_host), meta.block_tables.shape[1]
+    grouped = set(rows)
+    rows = rows + [r for r in range(num_tokens) if r not in grouped]
+    empty = num_seqs - len(prefix_lens)  # groups after the padding group
+    cu = cu + [num_tokens] * (empty + 1)
+    prefix_lens = prefix_lens + [0] * (empty + 1)
+    padded = torch.full((num_seqs + 1, width), meta.null_block, dtype=tables.dtype, device=tables.device)
+    padded[: tables.shape[0], : tables.shape[1]] = tables
+    return rows, cu, prefix_lens, padded

@@ -36,3 +36,7 @@ class AttentionMetadata(NamedTuple):
     # once use these; the others ignore them.
     group_keys_host: tuple[int, ...] = ()
     group_prefix_lens_host: tuple[int, ...] = ()
+    # The step runs in a CUDA graph (core/runner/cuda_graphs.py): a backend must then keep
+    # every tensor of its state shaped by T, S and the table width alone, and every host
+    # value its launches bake in coarse enough that other steps share it (graph_inputs).
+    static_shapes: bool = False

@@ -17,6 +17,11 @@ runs from host copies, so choosing costs no device sync. Layers with a sliding w
 the cascade (the prefix kernel knows no query positions) and run the plain paged kernel over
 the whole context.
 
+For a step that runs in a CUDA graph (``meta.static_shapes``, core/runner/cuda_graphs.py) the
+host values the launches bake in are rounded so that many steps share one graph: the tile
+hints to powers of two, the longest key runs to ``split_hint`` (which keeps every split
+choice); the group layout is padded by ``cascade_layout``; ``graph_inputs`` names them all.
+
 On CUDA the kernels are compiled; on CPU they run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported), which is how the tests check them.
 """
@@ -28,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from batchrun.kernels.backend import AttentionBackend, BackendCapabilities
-from batchrun.kernels.cascade_layout import CascadeLayout, cascade_layout
+from batchrun.kernels.backend import AttentionBackend, BackendCapabilities, GraphInputs
+from batchrun.kernels.cascade_layout import CascadeLayout, cascade_layout, next_power_of_2
 from batchrun.kernels.metadata import AttentionMetadata
 from batchrun.kernels.triton import (
     CAPABILITIES,
@@ -38,6 +43,7 @@ from batchrun.kernels.triton import (
     prefix_attention,
     store_kv,
 )
+from batchrun.kernels.triton.split_kv import split_hint
 
 # Splitting costs two more launches per layer in all, not per group, so every group of two or
 # more members is split. Not yet measured on a GPU (none has been available): the GPU
@@ -76,6 +82,7 @@ class TritonBackend(AttentionBackend):
             softcap=CAPABILITIES.paged_softcap,
             sliding_window=CAPABILITIES.paged_sliding_window,
             shared_prefix=True,
+            cuda_graphs=True,
         )
 
     def build(self, meta: AttentionMetadata) -> TritonStepState:
@@ -86,17 +93,31 @@ class TritonBackend(AttentionBackend):
             own = zip(meta.seq_lens_host, cascade.kv_start_host, strict=True)
             max_own_kv_len = max(seq_len - start for seq_len, start in own)
             max_prefix_len = max(cascade.group_prefix_len_host)
+        max_q_len = max(meta.q_lens_host)
+        if meta.static_shapes:  # hints coarse enough for graphs to share, launching alike
+            max_q_len = next_power_of_2(max_q_len)
+            max_kv_len, max_own_kv_len = split_hint(max_kv_len), split_hint(max_own_kv_len)
+            max_prefix_len = split_hint(max_prefix_len)
         return TritonStepState(
             slot_mapping=meta.slot_mapping,
             cu_seqlens_q=meta.cu_seqlens_q,
             seq_lens=meta.seq_lens,
             block_tables=meta.block_tables,
-            max_q_len=max(meta.q_lens_host),
+            max_q_len=max_q_len,
             max_kv_len=max_kv_len,
             max_own_kv_len=max_own_kv_len,
             max_prefix_len=max_prefix_len,
             cascade=cascade,
         )
+
+    def graph_inputs(self, state: TritonStepState) -> GraphInputs:
+        tensors = (state.slot_mapping, state.cu_seqlens_q, state.seq_lens, state.block_tables)
+        hints = (state.max_q_len, state.max_kv_len, state.max_own_kv_len, state.max_prefix_len)
+        cascade = state.cascade
+        if cascade is None:
+            return GraphInputs((*hints, None), tensors)
+        layout = (cascade.group_rows, cascade.cu_group_rows, cascade.group_tables, cascade.group_prefix_len)
+        return GraphInputs((*hints, cascade.max_group_rows), (*tensors, *layout, cascade.kv_start))
 
     def write_kv(self, state, key, value, k_cache, v_cache) -> None:
         store_kv(key, value, k_cache, v_cache, state.slot_mapping)

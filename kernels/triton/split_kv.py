@@ -183,3 +183,14 @@ def splits_for(programs: int, longest_keys: int, target_programs: int) -> int:
     if most < 2:
         return 1
     return 1 << (most.bit_length() - 1)  # the largest power of two <= most
+
+
+def split_hint(longest_keys: int) -> int:
+    """The smallest key count for which ``choose_num_splits`` answers as for ``longest_keys``,
+    whatever the launch: ``min(longest_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS)`` rounded down
+    to a power of two, in keys (0 where no split is possible). A CUDA graph keyed on it
+    replays every step whose launches would split alike, without changing any choice."""
+    whole = min(longest_keys // MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+    if whole < 2:
+        return 0
+    return (1 << (whole.bit_length() - 1)) * MIN_KEYS_PER_SPLIT
