@@ -17,6 +17,7 @@ a fresh process (its own peak memory):
 * ``batchrun`` — the plan, ``--attention-backend auto``;
 * ``batchrun plain`` — ``--no-prefix-sharing --order input``;
 * ``batchrun torch`` — the torch reference backend (512 prompts only);
+* ``batchrun eager`` — ``--no-cuda-graphs``: every step launched eagerly (512 prompts only);
 * ``generate`` — transformers ``generate``, left-padded batches, SDPA, the largest batch that
   fits (halved on out-of-memory).
 
@@ -72,7 +73,8 @@ WORKLOADS = {  # groups x members, shared tokens, own tokens, output tokens
     "unique-512": (512, 1, 0, 2200, 100),
     "smoke": (2, 4, 40, 8, 4),
 }
-SYSTEMS = ("batchrun", "batchrun plain", "batchrun torch", "generate")
+SYSTEMS = ("batchrun", "batchrun plain", "batchrun torch", "batchrun eager", "generate")
+ONLY_512 = ("batchrun torch", "batchrun eager")  # ablations run on the 512-prompt workload
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, attention: str):
@@ -98,7 +100,9 @@ def workload(name: str, vocab: int, seed: int = 0) -> tuple[list[list[int]], int
     return prompts, out
 
 
-def run_batchrun(model, prompts, out_tokens, backend: str, sharing: bool, budget: int) -> dict:
+def run_batchrun(
+    model, prompts, out_tokens, backend: str, sharing: bool, budget: int, cuda_graphs: bool = True
+) -> dict:
     from batchrun.core.checkpoint import open_checkpoint
     from batchrun.core.engine.config import EngineConfig
     from batchrun.core.engine.engine import build_engine
@@ -112,7 +116,7 @@ def run_batchrun(model, prompts, out_tokens, backend: str, sharing: bool, budget
     device = next(model.parameters()).device
     tokenizer = open_checkpoint(TOKENIZER).tokenizer
     loaded = LoadedModel("bench", TOKENIZER, model, tokenizer, device, model.dtype, (2,), 8192)
-    config = EngineConfig(token_budget=budget, attention_backend=backend)
+    config = EngineConfig(token_budget=budget, attention_backend=backend, cuda_graphs=cuda_graphs)
     sync(device)
     start = time.perf_counter()
     tokens = PromptTokens.from_lists(prompts)
@@ -138,6 +142,8 @@ def run_batchrun(model, prompts, out_tokens, backend: str, sharing: bool, budget
         "steps": stats.steps,
         "step_ms": 1e3 * stats.seconds / max(stats.steps, 1),
         "backend": engine.info.attention_backend,
+        "graph_steps": stats.graph_steps,
+        "cuda_graphs": stats.cuda_graphs,
     }
 
 
@@ -192,9 +198,8 @@ def child(args) -> None:
         result = run_generate(model, prompts, out_tokens, args.hf_batch)
     else:
         backend = "torch" if system == "batchrun torch" else "auto"
-        result = run_batchrun(
-            model, prompts, out_tokens, backend, system != "batchrun plain", args.token_budget
-        )
+        sharing, graphs = system != "batchrun plain", system != "batchrun eager"
+        result = run_batchrun(model, prompts, out_tokens, backend, sharing, args.token_budget, graphs)
     params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
     result |= {"prompts": len(prompts), "output_tokens": len(prompts) * out_tokens, "params": params}
     if device.type == "cuda":
@@ -319,15 +324,15 @@ def main() -> None:
             f"decode attention ({backend}, {seqs} seqs x {keys} keys): {gbps:.0f} GB/s = {share:.0%} of copy"
         )
     results = []
-    columns = ("s", "prompts/s", "tok/s", "prompt computed", "steps", "ms/step", "MFU")
-    widths = (8, 10, 9, 16, 6, 8, 6)
+    columns = ("s", "prompts/s", "tok/s", "prompt computed", "steps", "graphed", "ms/step", "MFU")
+    widths = (8, 10, 9, 16, 6, 7, 8, 6)
     print(
         f"{'workload':<14} {'system':<15} "
         + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
     )
     for name in args.workloads:
         for system in SYSTEMS:
-            if system == "batchrun torch" and name not in ("batchllm-512", "smoke"):
+            if system in ONLY_512 and name not in ("batchllm-512", "smoke"):
                 continue
             command = [
                 sys.executable,
@@ -356,7 +361,8 @@ def main() -> None:
             print(
                 f"{name:<14} {system:<15} {r['seconds']:8.1f} {r['prompts_per_s']:10.2f} "
                 f"{r['output_tokens'] / r['seconds']:9.0f} {r['prompt_tokens_computed']:16,} "
-                f"{r.get('steps', '-'):>6} {r.get('step_ms', float('nan')):8.1f} {mfu:6.1%}"
+                f"{r.get('steps', '-'):>6} {r.get('graph_steps', '-'):>7} "
+                f"{r.get('step_ms', float('nan')):8.1f} {mfu:6.1%}"
             )
     if args.json:
         args.json.write_text(

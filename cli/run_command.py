@@ -157,6 +157,13 @@ def run(
             help="Reserve each row's whole max_tokens of KV at admission: never preempt, admit fewer.",
         ),
     ] = False,
+    cuda_graphs: Annotated[
+        bool,
+        typer.Option(
+            help="On CUDA with the triton backend, replay steps of up to 512 tokens from CUDA graphs "
+            "(captured as they come). --no-cuda-graphs: every step eager."
+        ),
+    ] = True,
     strict: Annotated[
         bool,
         typer.Option(
@@ -218,6 +225,7 @@ def _run(o: SimpleNamespace) -> None:
             kv_cache_bytes=parse_memory(o.kv_memory) if o.kv_memory else None,
             reserve_full=o.reserve_full,
             attention_backend=o.attention_backend.value,
+            cuda_graphs=o.cuda_graphs,
         )
     except ValueError as exc:
         raise fail(EXIT_USAGE, str(exc)) from None

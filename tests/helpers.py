@@ -91,10 +91,12 @@ def run_engine(
     seed=None,
     wrap_runner=None,
     backend=None,
+    on_build=None,
     **engine_kwargs,
 ):
     """Plan the prompts, run the plan's requests, check nothing leaked; tokens per row
-    (per sample with ``n > 1``). ``backend``: an attention backend built by the test."""
+    (per sample with ``n > 1``). ``backend``: an attention backend built by the test;
+    ``on_build(engine)`` runs before the first step (e.g. to turn the runner's graphs on)."""
     config = EngineConfig(**engine_kwargs)
     tokens = PromptTokens.from_lists(prompts)
     plan = build_plan(
@@ -117,6 +119,8 @@ def run_engine(
     engine = build_engine(loaded, config, backend=backend)
     if wrap_runner is not None:  # e.g. to pass every message through pickle
         engine.runner.execute = wrap_runner(engine.runner.execute)
+    if on_build is not None:
+        on_build(engine)
     done = {}
     for c in engine.generate(make_requests(rows, tokens, plan, job_seed=0, sample_sharing=sharing)):
         done[c.row, c.sample_index] = c

@@ -198,7 +198,9 @@ def test_toml_job_file_with_command_line_overrides(tmp_path):
 
 
 def test_log_json_lines(tmp_path):
-    done = batchrun("run", sample_copy(tmp_path), "--max-tokens", "2", "--log-json", "--log-every", "0")
+    # --no-cuda-graphs: accepted on any device (the CPU has no graphs to turn off)
+    args = ("--max-tokens", "2", "--log-json", "--log-every", "0", "--no-cuda-graphs")
+    done = batchrun("run", sample_copy(tmp_path), *args)
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
     progress = [e for e in events if e["event"] == "progress"]

@@ -29,7 +29,8 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def loaded(tiny_llama):
-    return load_model(tiny_llama, device="cpu", dtype="float32")
+    # On a GPU the compiled kernels; elsewhere the interpreter, on the CPU.
+    return load_model(tiny_llama, device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32")
 
 
 @pytest.mark.parametrize("block_size, token_budget", [(16, 4096), (8, 12)])

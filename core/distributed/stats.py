@@ -23,6 +23,8 @@ _SUMMED = (
     "preemptions",
     "num_blocks",
     "kv_blocks_used",
+    "graph_steps",
+    "cuda_graphs",
 )
 
 

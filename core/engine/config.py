@@ -29,6 +29,9 @@ class EngineConfig:
     # Read a group's prefix once when that spares this many prefix-token reads (None: the
     # backend's own default, 2,048 for torch on CPU, 1 for Triton).
     cascade_min_saved_tokens: int | None = None
+    # Replay steps of up to 512 tokens from CUDA graphs (runner/cuda_graphs.py), on CUDA with
+    # a backend that runs in them (Triton); elsewhere this changes nothing.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

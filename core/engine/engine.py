@@ -90,6 +90,8 @@ class Engine:
             plan = self.scheduler.schedule()
             result = self.runner.execute(plan)
             self._account(plan)
+            if (graphs := self.runner.graphs) is not None:
+                self.stats.graph_steps, self.stats.cuda_graphs = graphs.replays, len(graphs.graphs)
             self.stats.sampled_tokens += len(result.token_ids)
             self.scheduler.computed(plan)
             if on_step is not None:
@@ -194,5 +196,16 @@ def build_engine(
     if loaded.device.type == "cpu" and (kept := keep_freed_host_memory()):
         why += f"; {kept}"
     runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids, overrides)
+    if loaded.device.type == "cuda":
+        why += f"; {_use_cuda_graphs(runner, config.cuda_graphs)}"
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker, backend_choice=why)
+
+
+def _use_cuda_graphs(runner: ModelRunner, wanted: bool) -> str:
+    """Turn the runner's CUDA graphs on where they can run; say what was done, for the log."""
+    if not wanted:
+        return "no CUDA graphs (--no-cuda-graphs)"
+    if not runner.backend.capabilities.cuda_graphs:
+        return f"no CUDA graphs (the {runner.backend.name} backend does not run in them)"
+    return runner.use_graphs().describe()

@@ -33,6 +33,8 @@ class EngineStats:
     block_size: int = 0
     seconds: float = 0.0  # wall time of the generation loop
     kv_blocks_used: int = 0  # blocks held right now (updated every step)
+    graph_steps: int = 0  # steps replayed from a CUDA graph
+    cuda_graphs: int = 0  # graphs captured
 
     @property
     def saving(self) -> float:

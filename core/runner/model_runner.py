@@ -4,6 +4,9 @@ inputs = batch.step_inputs(plan)        # NumPy, from the persistent per-request
 state  = backend.build(metadata)        # once per step: the backend's index tensors
 logits = model(...)                     # every layer: write K/V, attend via `state`
 tokens = sample(logits)                 # one token per chunk that completes its request
+
+With ``graphs`` (CUDA, a backend that runs in CUDA graphs), steps of up to a few hundred
+tokens are padded and replayed from a captured graph instead (runner/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 import torch
 
 from batchrun.core.runner.attention_hook import StepContext
+from batchrun.core.runner.cuda_graphs import Capture, DeviceStep, StepGraphs, cuda_graph_capture
 from batchrun.core.runner.input_batch import InputBatch, StepInputs
 from batchrun.core.runner.kv_cache import KVCache
 from batchrun.core.runner.layer_overrides import LayerOverrides
@@ -40,6 +44,21 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.batch = InputBatch(kv_cache.spec.block_size, kv_cache.null_block)
         self._staging = HostStaging(self.device)
+        self.graphs: StepGraphs | None = None
+
+    def use_graphs(self, capture: Capture = cuda_graph_capture) -> StepGraphs:
+        """Run small steps in graphs from now on (the backend must have ``cuda_graphs``)."""
+        if not self.backend.capabilities.cuda_graphs:
+            raise ValueError(f"attention backend {self.backend.name!r} does not run in CUDA graphs")
+        self.graphs = StepGraphs(
+            lambda inputs: self._prepare(inputs, static_shapes=True),
+            self._forward,
+            self.backend,
+            self.kv_cache.null_block,
+            self.kv_cache.spec.block_size,
+            capture,
+        )
+        return self.graphs
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:
@@ -47,22 +66,32 @@ class ModelRunner:
         self.batch.apply(plan)
         inputs = self.batch.step_inputs(plan)
         self._staging.new_step()
-        meta = attention_metadata(
-            inputs, self.kv_cache.null_block, self.kv_cache.spec.block_size, self._staging
-        )
-        state = self.backend.build(meta)
-        with self.overrides:
-            out = self.model(
-                input_ids=self._staging(inputs.input_ids)[None],
-                position_ids=self._staging(inputs.positions)[None],
-                use_cache=False,
-                logits_to_keep=self._staging(inputs.sample_rows),
-                batchrun_step=StepContext(self.kv_cache, self.backend, state),
-            )
-        logits = out.logits[0].float()  # (R, vocab): one row per sampling chunk, in chunk order
+        logits = self.graphs.run(inputs) if self.graphs is not None else None
+        if logits is None:
+            logits = self._forward(self._prepare(inputs))
         result = self._sample(logits, inputs)
         self.batch.record(plan, result.req_ids, result.token_ids)
         return result
+
+    def _prepare(self, inputs: StepInputs, static_shapes: bool = False) -> DeviceStep:
+        """The step's tensors on the device and the backend's state for it."""
+        block_size = self.kv_cache.spec.block_size
+        meta = attention_metadata(inputs, self.kv_cache.null_block, block_size, self._staging, static_shapes)
+        state = self.backend.build(meta)
+        staged = map(self._staging, (inputs.input_ids, inputs.positions, inputs.sample_rows))
+        return DeviceStep(*staged, state)
+
+    def _forward(self, step: DeviceStep) -> torch.Tensor:
+        """(R, vocab) float32 logits: one row per sampled row, in chunk order."""
+        with self.overrides:
+            out = self.model(
+                input_ids=step.input_ids[None],
+                position_ids=step.positions[None],
+                use_cache=False,
+                logits_to_keep=step.sample_rows,
+                batchrun_step=StepContext(self.kv_cache, self.backend, step.state),
+            )
+        return out.logits[0].float()
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> StepResult:
         req_ids = inputs.sample_req_ids
@@ -86,6 +115,7 @@ def attention_metadata(
     null_block: int,
     block_size: int,
     to_device: Callable[[np.ndarray], torch.Tensor] = torch.from_numpy,
+    static_shapes: bool = False,
 ) -> AttentionMetadata:
     """The kernels' view of a step: device tensors plus host copies of the lengths."""
     return AttentionMetadata(
@@ -100,4 +130,5 @@ def attention_metadata(
         q_starts_host=tuple(inputs.cu_seqlens_q.tolist()),
         group_keys_host=tuple(inputs.group_keys.tolist()),
         group_prefix_lens_host=tuple(inputs.group_prefix_lens.tolist()),
+        static_shapes=static_shapes,
     )
