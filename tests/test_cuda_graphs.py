@@ -18,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
@@ -30,6 +29,7 @@ from batchrun.core.runner.cuda_graphs import (  # noqa: E402
     table_width,
     token_bucket,
 )
+from batchrun.core.runner.host_sync_probe import HostSyncProbe  # noqa: E402
 from batchrun.core.runner.input_batch import StepInputs  # noqa: E402
 from batchrun.core.runner.model_loader import load_model  # noqa: E402
 from batchrun.core.runner.model_runner import attention_metadata  # noqa: E402
@@ -175,27 +175,6 @@ def test_steps_of_one_bucket_share_a_graph_key():
 
 # -- end to end --------------------------------------------------------------------------
 
-aten = torch.ops.aten
-SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.is_nonzero, aten.equal}
-
-
-class SyncProbe(TorchDispatchMode):
-    """Records every op that needs a device value on the host (a GPU sync; not capturable)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        packet = func.overloadpacket
-        bool_index = packet is aten.index and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
-        )
-        if packet in SYNCING or bool_index:
-            self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 SYSTEM = "You are a careful analyst. Answer from the document only."
 TEXTS = [
     f"{SYSTEM}\nThe lighthouse was built in 1871.\nQ: When?",
@@ -217,11 +196,10 @@ def test_oracle_holds_with_small_steps_in_graphs(loaded, tiny_llama, block_size,
     """Decode steps shrink 5 -> 1 sequences (the cascade on while group members remain);
     with a 12-token budget prefill chunks share steps with decodes. Each key is captured on
     its second sighting and replayed after that."""
-    probes: list[SyncProbe] = []
+    probes: list[HostSyncProbe] = []
 
     def probed_capture(forward, pool):
-        probe = SyncProbe()
-        with probe:
+        with HostSyncProbe() as probe:
             forward()  # what a real capture records (its K/V writes are rewritten the same)
         probes.append(probe)
         return rerun_capture(forward, pool)
@@ -250,15 +228,45 @@ def test_oracle_holds_with_small_steps_in_graphs(loaded, tiny_llama, block_size,
     assert probes and all(not p.seen for p in probes), [p.seen for p in probes]
 
 
-def test_sync_probe_sees_a_sync():
-    """The probe is not blind: ``.item()`` and boolean indexing are what it reports."""
-    probe = SyncProbe()
+def test_the_host_sync_probe_sees_syncs_and_only_those():
+    """``.item()``, boolean indexing and a copy between devices (here to ``meta``, the only
+    other device a CPU has) are reported; arithmetic and integer indexing are not."""
     x = torch.arange(4.0)
-    with probe:
+    with HostSyncProbe() as quiet:
+        y = (x * 2 + 1)[torch.tensor([0, 2])]
+        torch.empty(3).copy_(y.new_ones(3))
+    assert quiet.seen == []
+    with HostSyncProbe() as probe:
         x.sum().item()
         _ = x[x > 1]
-    assert "aten._local_scalar_dense.default" in probe.seen
+        x.to("meta")
+    assert probe.seen[0] == "aten._local_scalar_dense.default"
     assert any("index" in s or "nonzero" in s for s in probe.seen)
+    assert probe.seen[-1] == "aten._to_copy.default"
+    with torch.inference_mode(), HostSyncProbe() as in_inference:  # how the runner runs
+        x.sum().item()
+    assert in_inference.seen == ["aten.item.default"]
+
+
+def test_a_forward_that_syncs_turns_graphs_off_before_any_capture(loaded, tiny_llama, caplog):
+    """A forward with an ``.item()`` in it cannot be captured: the first padded (eager) run
+    finds it, graphs go off with a warning naming the op, and the tokens are still right."""
+    captures = []
+
+    def turn_on(engine):
+        graphs = engine.runner.use_graphs(lambda forward, pool: captures.append(1) or forward)
+        plain = graphs.forward
+        graphs.forward = lambda step: (step.positions.sum().item(), plain(step))[1]
+        turned_on.append(graphs)
+
+    turned_on = []
+    prompts = [loaded.tokenizer(t)["input_ids"] for t in TEXTS[:2]]
+    expected = reference_generate(tiny_llama, prompts, MAX_TOKENS[:2])
+    options = dict(block_size=8, token_budget=4096, attention_backend="triton")
+    got, _ = run_engine(loaded, prompts, MAX_TOKENS[:2], on_build=turn_on, **options)
+    assert got == expected
+    assert "aten.item" in turned_on[0].disabled and not captures and not turned_on[0].replays
+    assert "CUDA graphs off" in caplog.text and "syncs with the host" in caplog.text
 
 
 def test_a_failed_capture_turns_graphs_off_and_the_run_goes_on(loaded, tiny_llama, caplog):

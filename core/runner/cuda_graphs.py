@@ -24,7 +24,10 @@ A replay refreshes the captured step's input tensors in place (token ids, positi
 rows, and the backend's state: slot mapping, query offsets, lengths, tables, the cascade's
 group layout) and reruns the captured launches. A key is captured the second time it is seen
 (the first runs the padded step eagerly, which also compiles its kernels), at most
-``MAX_GRAPHS`` keys; other steps run eagerly. All graphs share one memory pool: they run one
+``MAX_GRAPHS`` keys; other steps run eagerly. That first eager run goes under a probe
+(runner/host_sync_probe.py): if the forward reads a device value on the host or copies between
+host and device, it cannot be captured, and graphs are turned off for the run with a warning
+that names the ops. All graphs share one memory pool: they run one
 at a time and each step's logits are consumed (sampled) before the next replay; every graph
 copies its logits into one shared buffer (largest bucket x vocab, float32), so the pool holds
 about one small step's activations, not one output per graph. If a capture fails, graphs are
@@ -47,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchrun.core.runner.host_sync_probe import HostSyncProbe
 from batchrun.core.runner.input_batch import StepInputs
 from batchrun.kernels import AttentionBackend
 
@@ -164,7 +168,7 @@ class StepGraphs:
         self.graphs: dict[tuple, _Graph] = {}
         self.sightings: Counter[tuple] = Counter()
         self.replays = 0  # steps run by a graph
-        self.disabled: str | None = None  # why graphs stopped, after a failed capture
+        self.disabled: str | None = None  # why graphs were turned off (a host sync, a failed capture)
         self._pool: Any = None
         self._logits: torch.Tensor | None = None  # (max_tokens, vocab): every graph's output
 
@@ -187,8 +191,10 @@ class StepGraphs:
         graph = self.graphs.get(key)
         if graph is None:
             self.sightings[key] += 1
-            if self.sightings[key] < 2 or len(self.graphs) >= self.max_graphs:
-                return self.forward(step)[:num_rows]  # padded, eager (compiles the kernels)
+            if self.sightings[key] == 1:
+                return self._probed_forward(step)[:num_rows]  # padded, eager (compiles the kernels)
+            if len(self.graphs) >= self.max_graphs:
+                return self.forward(step)[:num_rows]
             graph = self._capture(key, step, fresh)
             if graph is None:
                 return self.forward(step)[:num_rows]
@@ -197,6 +203,19 @@ class StepGraphs:
                 static.copy_(new, non_blocking=True)
         self.replays += 1
         return graph.replay()[:num_rows]
+
+    def _probed_forward(self, step: DeviceStep) -> torch.Tensor:
+        """The padded step's logits, eagerly; graphs off if its forward syncs with the host."""
+        with HostSyncProbe() as probe:
+            logits = self.forward(step)
+        if probe.seen:
+            ops = ", ".join(dict.fromkeys(probe.seen))
+            self._disable(f"the model's forward syncs with the host ({ops}), which a graph cannot capture")
+        return logits
+
+    def _disable(self, reason: str) -> None:
+        self.disabled = reason
+        log.warning("CUDA graphs off for the rest of the run (%s); steps run eagerly", reason)
 
     def _capture(self, key: tuple, step: DeviceStep, fresh: tuple[torch.Tensor, ...]) -> _Graph | None:
         if self._pool is None and torch.cuda.is_available():
@@ -213,8 +232,7 @@ class StepGraphs:
         try:
             replay = self.capture(forward, self._pool)
         except Exception as error:  # noqa: BLE001 - any capture failure: fall back to eager steps
-            self.disabled = f"capture of a {key[0]}-token step failed: {type(error).__name__}: {error}"
-            log.warning("CUDA graphs off for the rest of the run (%s); steps run eagerly", self.disabled)
+            self._disable(f"capture of a {key[0]}-token step failed: {type(error).__name__}: {error}")
             return None
         self.graphs[key] = graph = _Graph(fresh, replay)
         return graph
