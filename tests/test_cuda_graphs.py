@@ -87,9 +87,7 @@ def test_buckets_and_widths():
     assert [token_bucket(n) for n in (1, 3, 16, 17, 500, 512)] == [1, 4, 16, 24, 512, 512]
     assert token_bucket(513) is None
     assert list(GRAPH_TOKEN_BUCKETS) == sorted(set(GRAPH_TOKEN_BUCKETS))
-    assert table_width(3, 24, block_size=8) == 4  # 24 tokens fill 3 blocks; a power of two
-    assert table_width(5, 8, block_size=8) == 8
-    assert table_width(1, 512, block_size=16) == 32
+    assert [table_width(w) for w in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
 
 
 def test_split_hint_keeps_every_split_choice():

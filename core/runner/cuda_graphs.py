@@ -11,7 +11,7 @@ launch parameter, so a step runs in one only after it is padded to a shape seen 
                                token each (token 0 at position 0, its K/V written to and read
                                from the null block, which no request owns), then empty ones
                                (no token, no key)
-    block-table width      ->  a power of two (>= enough blocks for T_B tokens)
+    block-table width      ->  the next power of two
     sampled rows           ->  T_B (row 0 repeated); only the first R logits are used
 
 Every real sequence keeps its rows, positions and keys, so its results are those of the
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Steps of up to 512 tokens run in graphs: every decode-only step of a 512-sequence batch,
 # and mixed steps small enough that launch overhead is a real share of the step. Spaced so
-# padding wastes at most 1/4 of a step past 16 tokens (the figures are first guesses; no
+# padding wastes under a third of a step past 16 tokens (the figures are first guesses; no
 # GPU has been available to measure them).
 GRAPH_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128)
 GRAPH_TOKEN_BUCKETS += (160, 192, 224, 256, 320, 384, 448, 512)
@@ -74,10 +74,9 @@ def token_bucket(num_tokens: int, buckets: tuple[int, ...] = GRAPH_TOKEN_BUCKETS
     return buckets[i] if i < len(buckets) else None
 
 
-def table_width(width: int, num_tokens: int, block_size: int) -> int:
-    """A power of two >= ``width`` and >= the blocks ``num_tokens`` tokens fill."""
-    needed = max(width, -(-num_tokens // block_size), 1)
-    return 1 << (needed - 1).bit_length()
+def table_width(width: int) -> int:
+    """The block-table width a graph is captured for: the next power of two."""
+    return 1 << (max(width, 1) - 1).bit_length()
 
 
 def pad_step(inputs: StepInputs, tokens: int, width: int, null_block: int, block_size: int) -> StepInputs:
@@ -182,7 +181,7 @@ class StepGraphs:
         tokens = token_bucket(len(inputs.input_ids), self.buckets)
         if tokens is None or self.disabled:
             return None
-        width = table_width(inputs.block_tables.shape[1], tokens, self.block_size)
+        width = table_width(inputs.block_tables.shape[1])
         step = self.prepare(pad_step(inputs, tokens, width, self.null_block, self.block_size))
         graph_inputs = self.backend.graph_inputs(step.state)
         fresh = (step.input_ids, step.positions, step.sample_rows, *graph_inputs.tensors)
