@@ -20,10 +20,12 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
   'triton', triton.__version__, 'transformers', transformers.__version__)" | tee "$OUT/versions.txt"
 cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
 
-# the Triton kernels and oracle (real kernels on CUDA), the flash backend, every gpu-marked test
-timeout "${TESTS_S:-180}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_triton_kernels.py \
-  tests/test_triton_oracle.py tests/test_cuda_graphs.py tests/test_architectures.py::test_architecture_runs_in_cuda_graphs \
-  tests/test_flash_backend.py tests/test_flash_gpu.py >"$OUT/tests.log" 2>&1
+# the Triton oracle and CUDA graphs (real kernels, real capture), the flash backend, every
+# gpu-marked test, then the Triton kernels' sweeps (many shapes, each a compile): in that
+# order, so a timeout cuts the least telling tests
+timeout "${TESTS_S:-180}" python3 -m pytest -q -p no:cacheprovider -rs tests/test_triton_oracle.py \
+  tests/test_cuda_graphs.py tests/test_architectures.py::test_architecture_runs_in_cuda_graphs \
+  tests/test_flash_gpu.py tests/test_flash_backend.py tests/test_triton_kernels.py >"$OUT/tests.log" 2>&1
 rc=$?
 tail -4 "$OUT/tests.log"
 echo "tests exit $rc" | tee -a "$OUT/tests.log"
