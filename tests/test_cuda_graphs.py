@@ -24,6 +24,7 @@ pytest.importorskip("triton")
 from batchrun.core.engine.engine import _use_cuda_graphs  # noqa: E402
 from batchrun.core.runner.cuda_graphs import (  # noqa: E402
     GRAPH_TOKEN_BUCKETS,
+    graph_memory_bytes,
     pad_step,
     rerun_capture,
     table_width,
@@ -81,6 +82,13 @@ def make_step(seqs, block_size, prefix_blocks=(1, 2)) -> StepInputs:
 # Three members of group 7 (16-token prefix) — two decodes and a 4-token chunk — an
 # ungrouped decode and a whole 3-token prompt: 10 tokens, 5 sequences.
 MIXED = [(7, 16, 1, 21), (7, 16, 1, 30), (7, 16, 4, 25), (-1, 0, 1, 9), (-1, 0, 3, 3)]
+
+
+def test_graph_memory_counts_the_float32_logits_buffer(loaded):
+    config = loaded.model.config
+    kept = graph_memory_bytes(config, torch.bfloat16)
+    assert kept > 512 * config.vocab_size * 4
+    assert graph_memory_bytes(config, torch.bfloat16, tokens=64) < kept
 
 
 def test_buckets_and_widths():
@@ -226,24 +234,33 @@ def test_oracle_holds_with_small_steps_in_graphs(loaded, tiny_llama, block_size,
     assert probes and all(not p.seen for p in probes), [p.seen for p in probes]
 
 
-def test_the_host_sync_probe_sees_syncs_and_only_those():
-    """``.item()``, boolean indexing and a copy between devices (here to ``meta``, the only
-    other device a CPU has) are reported; arithmetic and integer indexing are not."""
-    x = torch.arange(4.0)
-    with HostSyncProbe() as quiet:
-        y = (x * 2 + 1)[torch.tensor([0, 2])]
-        torch.empty(3).copy_(y.new_ones(3))
-    assert quiet.seen == []
-    with HostSyncProbe() as probe:
-        x.sum().item()
-        _ = x[x > 1]
-        x.to("meta")
-    assert probe.seen[0] == "aten._local_scalar_dense.default"
-    assert any("index" in s or "nonzero" in s for s in probe.seen)
-    assert probe.seen[-1] == "aten._to_copy.default"
-    with torch.inference_mode(), HostSyncProbe() as in_inference:  # how the runner runs
-        x.sum().item()
-    assert in_inference.seen == ["aten.item.default"]
+x = torch.arange(4)
+REPEATS = torch.tensor([1, 2, 1, 0])
+SYNCS = {  # what the host must read (sizes, values) or copy mid-pass
+    "item": lambda: x.sum().item(),
+    "nonzero": lambda: x.nonzero(),
+    "boolean index": lambda: x[x > 1],
+    "boolean index put": lambda: x.clone().__setitem__(x > 1, 0),
+    "repeats as a tensor": lambda: x.repeat_interleave(REPEATS),
+    "unique": lambda: torch.unique(x),
+    "bincount": lambda: x.bincount(),
+    "copy to another device": lambda: x.to("meta"),  # the only other device a CPU has
+}
+QUIET = {
+    "arithmetic": lambda: x * 2 + 1,
+    "integer index": lambda: x[REPEATS],
+    "repeats with their total": lambda: x.repeat_interleave(REPEATS, output_size=4),
+    "repeats as an int": lambda: x.repeat_interleave(2),
+    "copy on one device": lambda: torch.empty(4).copy_(x),
+}
+
+
+@pytest.mark.parametrize("name", list(SYNCS) + list(QUIET))
+def test_the_host_sync_probe_sees_syncs_and_only_those(name):
+    """Under inference mode, as the runner runs (``.item()`` is another aten op there)."""
+    with torch.inference_mode(), HostSyncProbe() as probe:
+        (SYNCS | QUIET)[name]()
+    assert bool(probe.seen) == (name in SYNCS), probe.seen
 
 
 def test_a_forward_that_syncs_turns_graphs_off_before_any_capture(loaded, tiny_llama, caplog):
@@ -298,6 +315,7 @@ def test_which_runs_get_graphs(loaded):
     choice = engine.info.attention_backend_choice
     if DEVICE == "cuda":
         assert engine.runner.graphs is not None and "CUDA graphs for steps of up to 512 tokens" in choice
+        assert "MiB kept out of the KV cache for them" in choice
         off = build_engine(loaded, EngineConfig(attention_backend="triton", cuda_graphs=False))
         assert off.runner.graphs is None
         assert "no CUDA graphs (--no-cuda-graphs)" in off.info.attention_backend_choice

@@ -68,6 +68,19 @@ Forward = Callable[[], torch.Tensor]  # the step's forward, bound to its input t
 Capture = Callable[[Forward, Any], Forward]  # (forward, pool) -> replay
 
 
+def graph_memory_bytes(model_config: Any, dtype: torch.dtype, tokens: int = GRAPH_TOKEN_BUCKETS[-1]) -> int:
+    """An estimate, on the generous side, of the GPU memory graphs hold outside the KV cache:
+    the shared float32 logits buffer, and the largest graph's temporaries in their pool — its
+    logits in the model's dtype and a layer's activations (the gated MLP's are the largest) —
+    plus 64 MiB for the allocator's rounding and the capture stream's cuBLAS workspace.
+    Not measured on a GPU."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    itemsize = dtype.itemsize
+    logits = tokens * text.vocab_size * (4 + itemsize)
+    layer = tokens * (3 * text.intermediate_size + 8 * text.hidden_size) * itemsize
+    return logits + layer + 64 * 2**20
+
+
 def token_bucket(num_tokens: int, buckets: tuple[int, ...] = GRAPH_TOKEN_BUCKETS) -> int | None:
     """The smallest bucket holding ``num_tokens``; None past the largest."""
     i = bisect.bisect_left(buckets, num_tokens)
@@ -132,8 +145,16 @@ def cuda_graph_capture(forward: Forward, pool: Any) -> Forward:
     """Capture ``forward`` into a CUDA graph (launches recorded, nothing run); the replay
     runs them and returns the captured output tensor."""
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = forward()
+    stream = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            out = forward()
+    except BaseException:
+        # A capture that fails in capture_end leaves its side stream current: every later
+        # eager step would run there. Back to the stream the run was on.
+        torch.cuda.set_stream(stream)
+        torch.cuda.synchronize()
+        raise
 
     def replay() -> torch.Tensor:
         graph.replay()
@@ -153,7 +174,7 @@ class StepGraphs:
     def __init__(
         self,
         prepare: Callable[[StepInputs], DeviceStep],  # static-shape device step from padded inputs
-        forward: Callable[[DeviceStep], torch.Tensor],  # -> logits (rows of sample_rows, vocab)
+        forward: Callable[[DeviceStep], torch.Tensor],  # -> logits (rows of sample_rows, vocab), model dtype
         backend: AttentionBackend,
         null_block: int,
         block_size: int,
@@ -169,7 +190,7 @@ class StepGraphs:
         self.replays = 0  # steps run by a graph
         self.disabled: str | None = None  # why graphs were turned off (a host sync, a failed capture)
         self._pool: Any = None
-        self._logits: torch.Tensor | None = None  # (max_tokens, vocab): every graph's output
+        self._logits: torch.Tensor | None = None  # (max_tokens, vocab) float32: every graph's output
 
     @property
     def max_tokens(self) -> int:
@@ -193,10 +214,10 @@ class StepGraphs:
             if self.sightings[key] == 1:
                 return self._probed_forward(step)[:num_rows]  # padded, eager (compiles the kernels)
             if len(self.graphs) >= self.max_graphs:
-                return self.forward(step)[:num_rows]
+                return None  # no room for another graph: the step runs as it is, unpadded
             graph = self._capture(key, step, fresh)
             if graph is None:
-                return self.forward(step)[:num_rows]
+                return self.forward(step)[:num_rows].float()
         else:
             for static, new in zip(graph.inputs, fresh, strict=True):
                 static.copy_(new, non_blocking=True)
@@ -210,7 +231,7 @@ class StepGraphs:
         if probe.seen:
             ops = ", ".join(dict.fromkeys(probe.seen))
             self._disable(f"the model's forward syncs with the host ({ops}), which a graph cannot capture")
-        return logits
+        return logits.float()
 
     def _disable(self, reason: str) -> None:
         self.disabled = reason
@@ -221,11 +242,11 @@ class StepGraphs:
             self._pool = torch.cuda.graph_pool_handle()
 
         def forward() -> torch.Tensor:
-            logits = self.forward(step)  # (tokens, vocab); a temporary of the capture
+            logits = self.forward(step)  # (tokens, vocab), model dtype; a temporary of the capture
             if self._logits is None or self._logits.shape[1:] != logits.shape[1:]:
-                self._logits = logits.new_empty((self.max_tokens, *logits.shape[1:]))
+                self._logits = logits.new_empty((self.max_tokens, *logits.shape[1:]), dtype=torch.float32)
             out = self._logits[: logits.shape[0]]
-            out.copy_(logits)
+            out.copy_(logits)  # to float32 on the way, as the sampler reads it
             return out
 
         try:

@@ -6,6 +6,10 @@ the host mid-pass (``.item()``, ``nonzero``, boolean-mask indexing: their output
 decides what Python does next) or a copy between host and device breaks the capture. Run a
 pass under ``HostSyncProbe`` (a torch dispatch mode: it sees every aten op, the model's and
 batchrun's) and ``seen`` names each such op. Triton launches are not aten ops and never sync.
+
+Not seen: ``torch.tensor(data, device="cuda")`` (no aten copy shows) and syncs inside custom
+ops. The probe is a first check, not a proof; a capture that still fails is caught and the
+run goes on eagerly.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
-# ops whose result the host must read before it can go on (``.item()`` is aten.item under
-# inference mode, aten._local_scalar_dense outside it)
+# ops whose output size or value the host must read before it can go on (``.item()`` is
+# aten.item under inference mode, aten._local_scalar_dense outside it)
 _READS_DEVICE = {
     aten.item,
     aten._local_scalar_dense,
@@ -23,8 +27,14 @@ _READS_DEVICE = {
     aten.masked_select,
     aten.is_nonzero,
     aten.equal,
+    aten._unique,
+    aten._unique2,
+    aten.unique_dim,
+    aten.unique_consecutive,
+    aten.bincount,
 }
-_COPIES = {aten._to_copy, aten.copy_}
+_COPIES = {aten.to, aten._to_copy, aten.copy_}  # aten.to under inference mode
+_INDEXING = {aten.index, aten.index_put, aten.index_put_}
 
 
 class HostSyncProbe(TorchDispatchMode):
@@ -35,17 +45,21 @@ class HostSyncProbe(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if _syncs(func.overloadpacket, args, out):
+        if _syncs(func, args, kwargs, out):
             self.seen.append(str(func))
         return out
 
 
-def _syncs(packet, args: tuple, out) -> bool:
+def _syncs(func, args: tuple, kwargs: dict, out) -> bool:
+    packet = func.overloadpacket
     if packet in _READS_DEVICE:
         return True
-    if packet is aten.index:  # a boolean mask is a nonzero in disguise
-        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
-    if packet in _COPIES:  # between host and device, either way (copy_: dst, src; _to_copy: self)
+    if packet in _INDEXING:  # a boolean mask is a nonzero in disguise; a host index, a copy
+        indices = [i for i in args[1] if isinstance(i, torch.Tensor)]
+        return any(i.dtype == torch.bool or i.device != args[0].device for i in indices)
+    if func is aten.repeat_interleave.self_Tensor or func is aten.repeat_interleave.Tensor:
+        return kwargs.get("output_size") is None  # the output size is the repeats' sum
+    if packet in _COPIES:  # between host and device, either way (copy_: dst, src; to: self)
         devices = {t.device.type for t in (*args[:2], out) if isinstance(t, torch.Tensor)}
         return "cpu" in devices and len(devices) > 1
     return False

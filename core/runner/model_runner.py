@@ -68,7 +68,7 @@ class ModelRunner:
         self._staging.new_step()
         logits = self.graphs.run(inputs) if self.graphs is not None else None
         if logits is None:
-            logits = self._forward(self._prepare(inputs))
+            logits = self._forward(self._prepare(inputs)).float()
         result = self._sample(logits, inputs)
         self.batch.record(plan, result.req_ids, result.token_ids)
         return result
@@ -82,7 +82,7 @@ class ModelRunner:
         return DeviceStep(*staged, state)
 
     def _forward(self, step: DeviceStep) -> torch.Tensor:
-        """(R, vocab) float32 logits: one row per sampled row, in chunk order."""
+        """(R, vocab) logits in the model's dtype: one row per sampled row, in chunk order."""
         with self.overrides:
             out = self.model(
                 input_ids=step.input_ids[None],
@@ -91,7 +91,7 @@ class ModelRunner:
                 logits_to_keep=step.sample_rows,
                 batchrun_step=StepContext(self.kv_cache, self.backend, step.state),
             )
-        return out.logits[0].float()
+        return out.logits[0]
 
     def _sample(self, logits: torch.Tensor, inputs: StepInputs) -> StepResult:
         req_ids = inputs.sample_req_ids
