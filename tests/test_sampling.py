@@ -11,7 +11,7 @@ from batchrun.core.engine.engine import build_engine
 from batchrun.core.engine.stop import StopChecker
 from batchrun.core.params import SamplingParams
 from batchrun.core.runner.model_loader import load_model
-from batchrun.core.runner.sampler import History, apply_penalties, sample_rows
+from batchrun.core.runner.sampler import History, apply_penalties, sample, sample_rows
 from batchrun.core.sched.request import Request
 
 from helpers import reference_generate
@@ -202,3 +202,18 @@ def test_a_rows_sample_does_not_depend_on_its_batch():
         logits[shuffled], params, [seeds[i] for i in shuffled], [positions[i] for i in shuffled]
     )
     assert again.tolist() == [together[i].item() for i in shuffled]
+
+
+def test_sampling_in_chunks_of_rows_draws_the_same_tokens():
+    """``sample`` bounds its workspace by drawing a few rows at a time: same tokens, greedy
+    rows mixed in, for any chunk size."""
+    torch.manual_seed(1)
+    logits = torch.randn(9, 50)
+    params = [SamplingParams(temperature=0.9, top_k=20) if i % 3 else SamplingParams() for i in range(9)]
+    seeds = list(range(100, 109))
+    histories = [History(np.array([1, 2]), np.arange(i)) for i in range(9)]
+    whole = sample(logits.clone(), params, seeds, histories)
+    for rows_per_chunk in (1, 2, 4):
+        chunked = sample(logits.clone(), params, seeds, histories, chunk_elements=rows_per_chunk * 50)
+        assert chunked == whole
+    assert whole[0] == int(logits[0].argmax()) and whole[3] == int(logits[3].argmax())

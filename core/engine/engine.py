@@ -21,6 +21,8 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
+import torch
+
 from batchrun.core.engine.backend_choice import choose_backend
 from batchrun.core.engine.config import EngineConfig
 from batchrun.core.engine.stats import Completion, EngineInfo, EngineStats
@@ -187,6 +189,8 @@ def build_engine(
     backend built by the caller, replaces ``config.attention_backend`` (it must still
     support the model).
     """
+    if loaded.device.type == "cuda" and loaded.device.index is not None:
+        torch.cuda.set_device(loaded.device)  # Triton launches and CUDA graphs use the current one
     spec = KVCacheSpec.from_config(loaded.model.config, loaded.dtype, config.block_size)
     backend, why = choose_backend(config, loaded, spec, given=backend)
     graphs = loaded.device.type == "cuda" and config.cuda_graphs and backend.capabilities.cuda_graphs

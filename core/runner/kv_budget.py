@@ -17,7 +17,9 @@ DEFAULT_GPU_SHARE = 0.90  # of free device memory after the weights are loaded
 def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free
+        # plus what torch's allocator holds but does not use (an earlier engine's cache, say):
+        # the driver counts it as taken, yet the new cache can reuse it
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -23,6 +23,11 @@ import torch
 from batchrun.core.params import SamplingParams
 
 _LOW32 = 0xFFFFFFFF
+# Rows x vocab per ``sample_rows`` call. Its temporaries (the sort's values and indices, the
+# probabilities, the hash in int64 lanes) take ~50 bytes per element: 2^24 elements bound a
+# step's sampling workspace to under 1 GiB whatever the batch (4,096 rows of a 152k vocabulary
+# would otherwise want ~30 GB). Rows are independent, so chunking changes no token.
+SAMPLE_CHUNK_ELEMENTS = 1 << 24
 
 
 class History(NamedTuple):
@@ -38,6 +43,7 @@ def sample(
     seeds: list[int | None],
     histories: list[History],
     eos_token_ids: tuple[int, ...] = (),
+    chunk_elements: int = SAMPLE_CHUNK_ELEMENTS,
 ) -> list[int]:
     """One token per row of ``logits`` (changed in place where a row has processors)."""
     output_lens = [len(h.output) for h in histories]
@@ -53,15 +59,16 @@ def sample(
             logits[i, banned] = float("-inf")
     tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
-        chosen = sample_rows(
+    chunk = max(1, chunk_elements // logits.shape[1])
+    for start in range(0, len(sampled), chunk):
+        part = sampled[start : start + chunk]
+        rows = torch.tensor(part, device=logits.device)
+        tokens[rows] = sample_rows(
             logits[rows],
-            [params[i] for i in sampled],
-            [seeds[i] or 0 for i in sampled],
-            [output_lens[i] for i in sampled],
+            [params[i] for i in part],
+            [seeds[i] or 0 for i in part],
+            [output_lens[i] for i in part],
         )
-        tokens[rows] = chosen
     return tokens.tolist()  # the step's one device-to-host copy
 
 
