@@ -1,7 +1,8 @@
 """GPU benchmark: BatchLLM's workload shape on a 7-8B model shape, batchrun vs its ablations vs
 transformers ``generate``, with MFU and attention bandwidth against the device's own peaks.
 
-    python bench/gpu_bench.py                     # on one GPU: Llama-3.1-8B shape, bf16 (~6 min)
+    python bench/gpu_bench.py                     # on one GPU: Llama-3.1-8B shape, bf16
+    python bench/gpu_bench.py --deadline-s 300 --json out.json --logs logs/   # within a budget
     python bench/gpu_bench.py --shape qwen2.5-7b  # Qwen2.5-7B's shape instead
     python bench/gpu_bench.py --smoke             # a tiny shape on the CPU: checks the harness
 
@@ -18,8 +19,13 @@ a fresh process (its own peak memory):
 * ``batchrun plain`` — ``--no-prefix-sharing --order input``;
 * ``batchrun torch`` — the torch reference backend (512 prompts only);
 * ``batchrun eager`` — ``--no-cuda-graphs``: every step launched eagerly (512 prompts only);
-* ``generate`` — transformers ``generate``, left-padded batches, SDPA, the largest batch that
-  fits (halved on out-of-memory).
+* ``generate`` — transformers ``generate``, left-padded batches, SDPA, 128 prompts a batch
+  (``--hf-batch``; halved on out-of-memory).
+
+Rows run most telling first (``PRIORITY``); with ``--deadline-s`` a row that cannot finish in
+time is not started, and ``--json`` is rewritten after every row. Each batchrun row first
+makes an untimed run of 32 prompts, which compiles the Triton kernels (cached on disk for
+later rows) and warms the allocator. Every row's stderr is kept under ``--logs``.
 
 MFU counts 2 FLOPs per non-embedding parameter per token actually computed (prompt tokens
 after sharing + output tokens) against a bf16 matmul timed here; decode attention bandwidth
@@ -29,7 +35,9 @@ is K/V bytes read per second in a decode-only step against a device copy timed h
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import random
 import subprocess
 import sys
@@ -135,15 +143,21 @@ def run_batchrun(
     sync(device)
     seconds = time.perf_counter() - start
     stats = engine.stats
+    bytes_per_block = engine.info.kv_cache_bytes // max(engine.info.num_blocks, 1)
     return {
         "seconds": seconds,
+        "loop_s": stats.seconds,  # the generation loop alone (no planning, no engine build)
         "computed_tokens": stats.prefill_tokens + stats.decode_tokens,
         "prompt_tokens_computed": stats.prefill_tokens,
         "steps": stats.steps,
         "step_ms": 1e3 * stats.seconds / max(stats.steps, 1),
+        "preemptions": stats.preemptions,
         "backend": engine.info.attention_backend,
+        "backend_choice": engine.info.attention_backend_choice,  # auto's reason, CUDA graphs or why not
         "graph_steps": stats.graph_steps,
         "cuda_graphs": stats.cuda_graphs,
+        "kv_pool_gib": engine.info.kv_cache_bytes / 2**30,
+        "kv_peak_gib": stats.peak_blocks * bytes_per_block / 2**30,
     }
 
 
@@ -199,7 +213,15 @@ def child(args) -> None:
     else:
         backend = "torch" if system == "batchrun torch" else "auto"
         sharing, graphs = system != "batchrun plain", system != "batchrun eager"
-        result = run_batchrun(model, prompts, out_tokens, backend, sharing, args.token_budget, graphs)
+        options = (backend, sharing, args.token_budget, graphs)
+        # Untimed: compiles the Triton kernels (cached on disk for later children) and warms
+        # the allocator, so the timed run measures batchrun, not the compiler.
+        run_batchrun(model, prompts[:32], min(out_tokens, 4), *options)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        result = run_batchrun(model, prompts, out_tokens, *options)
     params = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name)
     result |= {"prompts": len(prompts), "output_tokens": len(prompts) * out_tokens, "params": params}
     if device.type == "cuda":
@@ -225,7 +247,7 @@ def matmul_tflops(device: torch.device, n: int) -> float:
     for _ in range(2):
         a @ b
     sync(device)
-    start, reps = time.perf_counter(), 10
+    start, reps = time.perf_counter(), 50  # long enough for the clocks to settle
     for _ in range(reps):
         a @ b
     sync(device)
@@ -285,14 +307,98 @@ def decode_attention_gbps(device: torch.device, backend_name: str, seqs: int, ke
     return 2 * seqs * keys * kv_heads * dim * k.element_size() * reps / (time.perf_counter() - start) / 1e9
 
 
+# Rows in the order they run: the comparisons that matter most first, so a deadline cuts the
+# least telling ones (batchrun vs generate and graphs vs eager at 512 prompts lead).
+PRIORITY = (
+    ("batchllm-512", "batchrun"),
+    ("batchllm-512", "generate"),
+    ("batchllm-512", "batchrun eager"),
+    ("batchllm-512", "batchrun plain"),
+    ("batchllm-2048", "batchrun"),
+    ("batchllm-512", "batchrun torch"),
+    ("unique-512", "batchrun"),
+    ("unique-512", "generate"),
+    ("batchllm-2048", "generate"),
+    ("batchllm-2048", "batchrun plain"),
+    ("unique-512", "batchrun plain"),
+)
+MIN_CHILD_S = 45  # a row is not started with less time left than this
+
+
+def planned_rows(workloads: list[str]) -> list[tuple[str, str]]:
+    if workloads == ["smoke"]:
+        return [("smoke", system) for system in SYSTEMS]
+    return [(name, system) for name, system in PRIORITY if name in workloads]
+
+
+def device_figures(device: torch.device) -> dict:
+    """The device's own peaks, and decode attention against them; an error is printed, not fatal."""
+    figures: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    figures["versions"] = {"torch": torch.__version__}
+    try:
+        import transformers
+        import triton
+
+        figures["versions"] |= {"transformers": transformers.__version__, "triton": triton.__version__}
+        figures["matmul_tflops"] = matmul_tflops(device, 8192 if device.type == "cuda" else 512)
+        figures["copy_gbps"] = copy_gbps(device, 2**30 if device.type == "cuda" else 2**24)
+    except Exception as error:  # noqa: BLE001 - report and go on: the rows still run
+        print(f"device figures failed: {type(error).__name__}: {error}", flush=True)
+    print(
+        f"device {figures['device']}: matmul {figures.get('matmul_tflops', float('nan')):.1f} TFLOP/s, "
+        f"copy {figures.get('copy_gbps', float('nan')):.0f} GB/s",
+        flush=True,
+    )
+    seqs, keys = (256, 2200) if device.type == "cuda" else (8, 64)
+    for backend in ("triton", "torch") if device.type == "cuda" else ("torch",):
+        try:
+            gbps = decode_attention_gbps(device, backend, seqs, keys)
+        except Exception as error:  # noqa: BLE001
+            print(f"decode attention ({backend}) failed: {type(error).__name__}: {error}", flush=True)
+            continue
+        figures[f"decode_attention_gbps_{backend}"] = gbps
+        share = gbps / figures["copy_gbps"] if "copy_gbps" in figures else float("nan")
+        print(
+            f"decode attention ({backend}, {seqs} seqs x {keys} keys): {gbps:.0f} GB/s = {share:.0%} of copy",
+            flush=True,
+        )
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the children size their KV caches from free memory
+    return figures
+
+
+def run_child(args, name: str, system: str, timeout_s: float | None) -> dict:
+    """One row in a fresh process (its own peak memory); its stderr kept under ``--logs``."""
+    command = [sys.executable, __file__, "--system", system, "--workload", name, "--shape", args.shape]
+    command += ["--device", args.device, "--token-budget", str(args.token_budget)]
+    command += ["--hf-batch", str(args.hf_batch)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+        stdout, stderr, failed = done.stdout, done.stderr, done.returncode != 0
+    except subprocess.TimeoutExpired as expired:
+        stdout, stderr, failed = "", f"{expired.stderr or ''}\ntimed out after {timeout_s:.0f} s", True
+        stderr = stderr if isinstance(stderr, str) else stderr.decode(errors="replace")
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+        (args.logs / f"{name}--{system.replace(' ', '-')}.log").write_text(stderr)
+    lines = stdout.strip().splitlines()
+    if failed or not lines:
+        last = stderr.strip().splitlines()[-1:] or ["no output"]
+        return {"workload": name, "system": system, "error": last[0]}
+    return json.loads(lines[-1]) | {"workload": name, "system": system}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3.1-8b", choices=list(SHAPES))
     parser.add_argument("--workloads", nargs="+", default=["batchllm-512", "batchllm-2048", "unique-512"])
     parser.add_argument("--token-budget", type=int, default=8192)
-    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--hf-batch", type=int, default=128, help="generate's first batch (halved on OOM)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: check the harness")
-    parser.add_argument("--json", type=Path, help="also write every result here")
+    parser.add_argument("--json", type=Path, help="also write every result here (rewritten after each row)")
+    parser.add_argument("--logs", type=Path, help="keep each row's stderr in this folder")
+    parser.add_argument("--deadline-s", type=float, help="start no row that cannot finish within this")
     parser.add_argument("--system", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument(
@@ -309,65 +415,39 @@ def main() -> None:
             64,
             8,
         )
-    device = torch.device(args.device)
-    peak = matmul_tflops(device, 8192 if device.type == "cuda" else 512)
-    copy = copy_gbps(device, 2**30 if device.type == "cuda" else 2**24)
-    print(
-        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}: "
-        f"matmul {peak:.1f} TFLOP/s, copy {copy:.0f} GB/s"
-    )
-    for backend in ("torch", "triton") if device.type == "cuda" else ("torch",):
-        seqs, keys = (256, 2200) if device.type == "cuda" else (8, 64)
-        gbps = decode_attention_gbps(device, backend, seqs, keys)
-        share = gbps / copy
-        print(
-            f"decode attention ({backend}, {seqs} seqs x {keys} keys): {gbps:.0f} GB/s = {share:.0%} of copy"
-        )
+    started = time.monotonic()
+    figures = device_figures(torch.device(args.device))
+    peak = figures.get("matmul_tflops", float("nan"))
     results = []
-    columns = ("s", "prompts/s", "tok/s", "prompt computed", "steps", "graphed", "ms/step", "MFU")
-    widths = (8, 10, 9, 16, 6, 7, 8, 6)
-    print(
-        f"{'workload':<14} {'system':<15} "
-        + " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
-    )
-    for name in args.workloads:
-        for system in SYSTEMS:
-            if system in ONLY_512 and name not in ("batchllm-512", "smoke"):
-                continue
-            command = [
-                sys.executable,
-                __file__,
-                "--system",
-                system,
-                "--workload",
-                name,
-                "--shape",
-                args.shape,
-                "--device",
-                args.device,
-                "--token-budget",
-                str(args.token_budget),
-                "--hf-batch",
-                str(args.hf_batch),
-            ]
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                print(f"{name:<14} {system:<15} failed: {done.stderr.strip().splitlines()[-1:]}")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1]) | {"workload": name, "system": system}
-            mfu = 2 * r["params"] * r["computed_tokens"] / r["seconds"] / (peak * 1e12)
-            r |= {"prompts_per_s": r["prompts"] / r["seconds"], "mfu": mfu}
-            results.append(r)
+    columns = ("s", "prompts/s", "tok/s", "prompt computed", "steps", "graphed", "ms/step", "MFU", "backend")
+    widths = (8, 10, 9, 16, 6, 7, 8, 6, 9)
+    header = " ".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    print(f"{'workload':<14} {'system':<15} {header}", flush=True)
+    for name, system in planned_rows(args.workloads):
+        left = None if args.deadline_s is None else args.deadline_s - (time.monotonic() - started)
+        if left is not None and left < MIN_CHILD_S:
+            print(f"{name:<14} {system:<15} not run: {left:.0f} s left of --deadline-s", flush=True)
+            results.append({"workload": name, "system": system, "error": "deadline"})
+            continue
+        r = run_child(args, name, system, left)
+        results.append(r)
+        if "error" in r:
+            print(f"{name:<14} {system:<15} failed: {r['error']}", flush=True)
+        else:
+            r["prompts_per_s"] = r["prompts"] / r["seconds"]
+            r["mfu"] = 2 * r["params"] * r["computed_tokens"] / r["seconds"] / (peak * 1e12)
+            label = r.get("backend", f"b={r.get('batch', '-')}")
             print(
                 f"{name:<14} {system:<15} {r['seconds']:8.1f} {r['prompts_per_s']:10.2f} "
                 f"{r['output_tokens'] / r['seconds']:9.0f} {r['prompt_tokens_computed']:16,} "
                 f"{r.get('steps', '-'):>6} {r.get('graph_steps', '-'):>7} "
-                f"{r.get('step_ms', float('nan')):8.1f} {mfu:6.1%}"
+                f"{r.get('step_ms', float('nan')):8.1f} {r['mfu']:6.1%} {label:>9}",
+                flush=True,
             )
-    if args.json:
-        args.json.write_text(
-            json.dumps({"matmul_tflops": peak, "copy_gbps": copy, "results": results}, indent=2)
-        )
+        if args.json:  # after every row: a deadline or a crash keeps what ran
+            partial = args.json.with_suffix(".tmp")
+            partial.write_text(json.dumps(figures | {"results": results}, indent=2))
+            os.replace(partial, args.json)
 
 
 if __name__ == "__main__":
