@@ -116,11 +116,43 @@ def test_repetition_penalty_equals_transformers_generate(loaded, tiny_llama):
 
 
 def test_presence_and_frequency_penalties_follow_the_output_counts():
-    logits = torch.zeros(6)
+    logits = torch.zeros(1, 6)
     history = History(prompt=np.array([5, 5]), output=np.array([1, 1, 1, 3]))
-    apply_penalties(logits, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), history)
+    apply_penalties(logits, [SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)], [history])
     # token 1: 3 x 0.25 + 0.5; token 3: 0.25 + 0.5; prompt-only token 5 is not touched
-    assert logits.tolist() == [0.0, -1.25, 0.0, -0.75, 0.0, 0.0]
+    assert logits.tolist() == [[0.0, -1.25, 0.0, -0.75, 0.0, 0.0]]
+
+
+def test_penalties_of_a_batch_are_each_rows_own():
+    """All rows at once (mixed penalties, empty outputs, a row with none) give what each row
+    gets alone, bit for bit: vLLM's formulas applied row by row are the reference."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 12)
+    params = [
+        SamplingParams(repetition_penalty=1.3, presence_penalty=0.2),
+        SamplingParams(frequency_penalty=0.7),
+        SamplingParams(repetition_penalty=0.8, frequency_penalty=0.1, presence_penalty=0.4),
+        SamplingParams(),
+    ]
+    histories = [
+        History(np.array([1, 2, 3]), np.array([3, 3, 7])),
+        History(np.array([4]), np.array([], dtype=np.int64)),
+        History(np.array([0, 11]), np.array([5, 0, 5, 5])),
+        History(np.array([6]), np.array([6, 6])),
+    ]
+    batched = logits.clone()
+    apply_penalties(batched, params, histories)
+    for row, (p, h) in enumerate(zip(params, histories, strict=True)):
+        want = logits[row].clone()
+        counts = torch.bincount(torch.from_numpy(h.output), minlength=12).float()
+        if p.repetition_penalty != 1.0:
+            seen = counts > 0
+            seen[torch.from_numpy(h.prompt)] = True
+            penalized = torch.where(want > 0, want / p.repetition_penalty, want * p.repetition_penalty)
+            want = torch.where(seen, penalized, want)
+        want -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        assert torch.equal(batched[row], want), row
+    assert not torch.equal(batched[0], logits[0]) and torch.equal(batched[3], logits[3] - 0.0)
 
 
 def test_min_tokens_masks_eos_and_stop_tokens_then_they_end_the_row(loaded):
@@ -205,15 +237,19 @@ def test_a_rows_sample_does_not_depend_on_its_batch():
 
 
 def test_sampling_in_chunks_of_rows_draws_the_same_tokens():
-    """``sample`` bounds its workspace by drawing a few rows at a time: same tokens, greedy
-    rows mixed in, for any chunk size."""
+    """``sample`` bounds its workspace by drawing (and penalising) a few rows at a time: same
+    tokens, greedy and penalised rows mixed in, for any chunk size."""
     torch.manual_seed(1)
     logits = torch.randn(9, 50)
     params = [SamplingParams(temperature=0.9, top_k=20) if i % 3 else SamplingParams() for i in range(9)]
+    params[4] = SamplingParams(temperature=0.9, repetition_penalty=1.5, frequency_penalty=0.3)
+    params[6] = SamplingParams(presence_penalty=2.0, min_tokens=20)  # greedy, EOS (49) masked
     seeds = list(range(100, 109))
     histories = [History(np.array([1, 2]), np.arange(i)) for i in range(9)]
-    whole = sample(logits.clone(), params, seeds, histories)
+    logits[6, 49] = 100.0  # EOS would win row 6 but for min_tokens
+    whole = sample(logits.clone(), params, seeds, histories, eos_token_ids=(49,))
     for rows_per_chunk in (1, 2, 4):
-        chunked = sample(logits.clone(), params, seeds, histories, chunk_elements=rows_per_chunk * 50)
-        assert chunked == whole
+        chunk = rows_per_chunk * 50
+        assert sample(logits.clone(), params, seeds, histories, (49,), chunk_elements=chunk) == whole
+    assert whole[6] != 49
     assert whole[0] == int(logits[0].argmax()) and whole[3] == int(logits[3].argmax())

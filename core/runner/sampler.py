@@ -1,11 +1,14 @@
 """Next-token selection for one step, batched and on the logits' device.
 
-* Logits processors first, for the rows that ask (vLLM's): repetition, presence and
-  frequency penalties, and ``min_tokens`` (EOS and stop tokens masked).
+* Logits processors first, for the rows that ask (vLLM's), batched: repetition, presence and
+  frequency penalties over all penalised rows at once (their token counts one scatter), and
+  ``min_tokens`` (EOS and stop tokens masked, one indexed write).
 * Greedy rows: one argmax over all of them.
 * Sampled rows, all at once: temperature, then top-k, min-p and top-p on the sorted
   distribution, then the Gumbel-max trick — ``argmax(logits / T + g)`` with Gumbel noise
   ``g = -log(-log(u))`` draws exactly from the filtered softmax.
+* Penalties and sampling work on at most ``SAMPLE_CHUNK_ELEMENTS`` (rows x vocab) at a time,
+  which bounds their memory; rows are independent, so this changes no token.
 
 The uniform ``u`` of token ``v`` in output position ``k`` of a request seeded ``s`` is a hash of
 ``(s, k, v)`` computed with integer tensor ops (counter-based, like Philox), not a generator's
@@ -47,16 +50,25 @@ def sample(
 ) -> list[int]:
     """One token per row of ``logits`` (changed in place where a row has processors)."""
     output_lens = [len(h.output) for h in histories]
-    for i, p in enumerate(params):
-        if p.penalized:
-            apply_penalties(logits[i], p, histories[i])
-        if output_lens[i] < p.min_tokens:
-            banned = [
-                t
-                for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids)
-                if t < logits.shape[1]
-            ]
-            logits[i, banned] = float("-inf")
+    vocab = logits.shape[1]
+    penalized = [i for i, p in enumerate(params) if p.penalized]
+    chunk = max(1, chunk_elements // vocab)
+    for start in range(0, len(penalized), chunk):
+        part = penalized[start : start + chunk]
+        rows = torch.tensor(part, device=logits.device)
+        block = logits[rows]  # (P, V), a copy
+        apply_penalties(block, [params[i] for i in part], [histories[i] for i in part])
+        logits[rows] = block
+    banned = [  # (row, token) pairs masked while a row is below its min_tokens
+        (i, t)
+        for i, p in enumerate(params)
+        if output_lens[i] < p.min_tokens
+        for t in (*(() if p.ignore_eos else eos_token_ids), *p.stop_token_ids)
+        if t < vocab
+    ]
+    if banned:
+        pairs = torch.tensor(banned, device=logits.device)  # (B, 2): one copy for the step
+        logits[pairs[:, 0], pairs[:, 1]] = float("-inf")
     tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     chunk = max(1, chunk_elements // logits.shape[1])
@@ -124,20 +136,38 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def apply_penalties(logits: torch.Tensor, params: SamplingParams, history: History) -> None:
-    """vLLM's penalties on one row of logits ``(vocab,)``, in place: repetition over the
-    prompt and the output, presence and frequency over the output."""
-    vocab = logits.shape[0]
-    output = torch.from_numpy(history.output).to(logits.device)
-    counts = torch.bincount(output, minlength=vocab)[:vocab].to(logits.dtype)
-    if params.repetition_penalty != 1.0:
+def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], histories: list[History]) -> None:
+    """vLLM's penalties on rows of logits ``(P, vocab)``, in place, all rows at once:
+    repetition over the prompt and the output, presence and frequency over the output.
+
+    Each row's output tokens are counted with one scatter over the batch (the ids copied to
+    the device once, not once per row); a row with repetition_penalty 1 is left exactly as
+    it was by that step (x / 1 and x * 1 are exact)."""
+    device, (num_rows, vocab) = logits.device, logits.shape
+    column = lambda values: torch.tensor(values, dtype=logits.dtype, device=device)[:, None]  # noqa: E731
+
+    def scattered(arrays: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) index tensors of every token of ``arrays`` below the vocabulary."""
+        rows = np.repeat(np.arange(num_rows), [len(a) for a in arrays])
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+        inside = tokens < vocab
+        pairs = torch.from_numpy(np.stack([rows[inside], tokens[inside]])).to(device)
+        return pairs[0], pairs[1]
+
+    counts = torch.zeros(num_rows, vocab, dtype=logits.dtype, device=device)
+    rows, tokens = scattered([h.output.astype(np.int64) for h in histories])
+    counts.index_put_((rows, tokens), torch.ones((), dtype=logits.dtype, device=device), accumulate=True)
+    repetition = [p.repetition_penalty for p in params]
+    if any(r != 1.0 for r in repetition):
         seen = counts > 0
-        seen[torch.from_numpy(history.prompt).to(logits.device)] = True
-        penalized = torch.where(
-            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
-        )
-        logits.copy_(torch.where(seen, penalized, logits))
-    logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+        seen[scattered([h.prompt.astype(np.int64) for h in histories])] = True
+        penalty = column(repetition)
+        logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
+    frequency, presence = (
+        column([p.frequency_penalty for p in params]),
+        column([p.presence_penalty for p in params]),
+    )
+    logits -= frequency * counts + presence * (counts > 0).to(logits.dtype)
 
 
 def token_logprobs(logits: torch.Tensor, chosen: list[int], top: int) -> list[dict]:
