@@ -42,6 +42,7 @@ from batchrun.kernels.triton import (
     paged_attention,
     prefix_attention,
     store_kv,
+    supported_head_dim,
 )
 from batchrun.kernels.triton.split_kv import split_hint
 
@@ -77,7 +78,7 @@ class TritonBackend(AttentionBackend):
         self.capabilities = BackendCapabilities(
             devices=_devices(),
             dtypes=frozenset(CAPABILITIES.dtypes),
-            head_dims=frozenset({16, 32, 64, 128, 256}),
+            head_dims=frozenset(d for d in range(16, 257) if supported_head_dim(d)),
             max_gqa_group=CAPABILITIES.max_gqa_group,
             softcap=CAPABILITIES.paged_softcap,
             sliding_window=CAPABILITIES.paged_sliding_window,

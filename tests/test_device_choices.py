@@ -74,8 +74,8 @@ def test_auto_falls_back_to_the_torch_reference_when_the_kernel_cannot_build(mon
 
 def test_a_named_backend_that_cannot_run_the_model_is_refused_before_any_work():
     pytest.importorskip("triton")  # the conftest runs it under the interpreter on CPU
-    config = Gemma2Config(**{**COMMON, "hidden_size": 96}, head_dim=24)  # not a power of two
-    with pytest.raises(InputError, match="head dims .* not 24.*--attention-backend"):
+    config = Gemma2Config(**{**COMMON, "hidden_size": 96}, head_dim=12)  # not a multiple of 8
+    with pytest.raises(InputError, match="head dims .* not 12.*--attention-backend"):
         choose_backend(EngineConfig(attention_backend="triton"), fake_loaded(config), spec(config))
     fine = Gemma2Config(**COMMON, head_dim=16)
     backend, why = choose_backend(EngineConfig(attention_backend="triton"), fake_loaded(fine), spec(fine))

@@ -365,7 +365,7 @@ MIXED = [Seq(1, 1), Seq(1, 70), Seq(20, 20), Seq(9, 45), Seq(1, 33, 0), Seq(4, 5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 48, 80, 96])  # the last three padded, masked
 def test_dtypes_and_head_dims(dtype, head_dim):
     step = build_step(
         MIXED, [32], block_size=16, num_kv_heads=2, group=4, head_dim=head_dim, dtype=dtype, seed=head_dim
@@ -445,13 +445,21 @@ def test_split_kv_matches_dense(seqs, layout, num_splits, seed, softcap, window,
     torch.testing.assert_close(lse, unsplit_lse, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("num_splits", [2, 4, 16])
-def test_split_prefix_attention_matches_dense(num_splits):
-    """Two groups, long and short prefixes (one ragged), split into runs of key tiles."""
+@pytest.mark.parametrize("num_splits, head_dim", [(2, 32), (4, 32), (16, 32), (4, 96)])
+def test_split_prefix_attention_matches_dense(num_splits, head_dim):
+    """Two groups, long and short prefixes (one ragged), split into runs of key tiles (the
+    split reduce with a padded head dim too)."""
     prefixes = [300, 37]
     seqs = [Seq(1, 305, 0), Seq(6, 320, 0), Seq(1, 301, 0), Seq(1, 40, 1), Seq(3, 45, 1)]
     step = build_step(
-        seqs, prefixes, block_size=16, num_kv_heads=2, group=4, head_dim=32, dtype=torch.float32, seed=11
+        seqs,
+        prefixes,
+        block_size=16,
+        num_kv_heads=2,
+        group=4,
+        head_dim=head_dim,
+        dtype=torch.float32,
+        seed=11,
     )
     groups = (step.group_rows, step.cu_group_rows, step.group_tables, step.group_prefix_len)
     out, lse = prefix_attention(
@@ -542,11 +550,12 @@ def test_merge_into_updates_only_the_given_rows():
         (torch.float32, torch.bfloat16),
     ],
 )
-def test_store_kv_writes_the_slots_and_skips_negative_ones(dtype, cache_dtype):
+@pytest.mark.parametrize("head_dim", [32, 80])  # 80: padded to 128, the extra columns masked
+def test_store_kv_writes_the_slots_and_skips_negative_ones(dtype, cache_dtype, head_dim):
     gen = torch.Generator().manual_seed(5)
-    k_cache = torch.zeros(6, 16, 2, 32, dtype=cache_dtype)
+    k_cache = torch.zeros(6, 16, 2, head_dim, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
-    key, value = (torch.randn(5, 2, 32, generator=gen).to(dtype) for _ in range(2))
+    key, value = (torch.randn(5, 2, head_dim, generator=gen).to(dtype) for _ in range(2))
     slots = torch.tensor([3, 40, -1, 95, 17], dtype=torch.int64)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     keep = slots >= 0
@@ -575,14 +584,14 @@ def test_block_sizes_outside_the_usual_ones(block_size):
 
 def test_declared_support():
     assert not supported_block_size(0)
-    assert all(supported_head_dim(d) for d in (16, 32, 64, 128, 256))
-    assert not any(supported_head_dim(d) for d in (8, 48, 80, 96, 512))
+    assert all(supported_head_dim(d) for d in (16, 32, 48, 64, 80, 96, 128, 256))
+    assert not any(supported_head_dim(d) for d in (8, 12, 100, 264, 512))
     assert CAPABILITIES.paged_softcap and CAPABILITIES.paged_sliding_window and CAPABILITIES.prefix_softcap
     assert not CAPABILITIES.prefix_sliding_window and CAPABILITIES.paged_split_kv
-    q, cache = torch.zeros(1, 1, 48, device=DEVICE), torch.zeros(1, 16, 1, 48, device=DEVICE)
+    q, cache = torch.zeros(1, 1, 12, device=DEVICE), torch.zeros(1, 16, 1, 12, device=DEVICE)
     i32 = {"dtype": torch.int32, "device": DEVICE}
     meta = (torch.tensor([0, 1], **i32), torch.tensor([1], **i32), torch.zeros(1, 1, **i32))
-    with pytest.raises(ValueError, match="head dim 48"):
+    with pytest.raises(ValueError, match="head dim 12"):
         paged_attention(q, cache, cache, *meta, 1.0)
     with pytest.raises(ValueError, match="dtype"):
         paged_attention(q.half(), cache, cache, *meta, 1.0)

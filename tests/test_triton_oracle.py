@@ -79,3 +79,21 @@ def test_triton_backend_with_split_kv_equals_transformers_generate(loaded, tiny_
     )
     assert got == expected
     assert {"paged_attention", "prefix_attention"} <= set(splits)
+
+
+def test_a_head_dim_that_is_not_a_power_of_two(tmp_path):
+    """Head dim 48 (Phi-3-mini's 96 in small): the kernels pad it to 64 and mask the rest."""
+    from transformers import LlamaConfig
+
+    from helpers import COMMON, save_tiny_model
+
+    path = save_tiny_model(LlamaConfig(**COMMON, head_dim=48), tmp_path / "llama-48")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(path, device=device, dtype="float32")
+    prompts = [model.tokenizer(t)["input_ids"] for t in TEXTS[:3]]
+    max_tokens = [6, 5, 4]
+    got, engine = run_engine(
+        model, prompts, max_tokens, block_size=8, token_budget=16, attention_backend="triton"
+    )
+    assert engine.runner.backend.name == "triton"
+    assert got == reference_generate(path, prompts, max_tokens)

@@ -151,7 +151,7 @@ def check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if not supported_block_size(block_size):
         raise ValueError(f"block size {block_size} is not supported")
     if not supported_head_dim(head_dim):
-        raise ValueError(f"head dim {head_dim} is not supported (a power of two, 16..256)")
+        raise ValueError(f"head dim {head_dim} is not supported (a multiple of 8 from 16 to 256)")
     group = query.shape[1] // num_kv_heads
     if query.shape[1] % num_kv_heads or group > CAPABILITIES.max_gqa_group:
         raise ValueError(

@@ -2,9 +2,11 @@
 
 Block sizes: any (a KV tile gathers its keys position by position through the block table,
 ``page = table[pos // block_size]``, so the tile width does not depend on the block size;
-16, 32 and 64 are tested on random steps, 1, 8, 48 and 128 on fixed ones). Head dims: powers
-of two from 16 to 256 (``tl.arange`` needs a power of two, ``tl.dot`` at least 16; 32, 64
-and 128 are tested). GQA: any number of query heads per kv head up to 16 (1, 2, 4, 8, 3
+16, 32 and 64 are tested on random steps, 1, 8, 48 and 128 on fixed ones). Head dims:
+multiples of 8 from 16 to 256. ``tl.arange`` needs a power of two and ``tl.dot`` at least 16,
+so the kernels work on the head dim rounded up to a power of two (``HEAD_DIM_P``) and mask the
+columns past the model's: they load as 0, which adds nothing to a score or an output (32, 64,
+128, and 48, 80, 96 tested). GQA: any number of query heads per kv head up to 16 (1, 2, 4, 8, 3
 and 16 tested).
 """
 
@@ -40,15 +42,12 @@ CAPABILITIES = Capabilities(
 )
 
 
-def _power_of_two(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 def supported_block_size(block_size: int) -> bool:
     """KV cache block sizes the kernels accept: any positive size."""
     return block_size >= 1
 
 
 def supported_head_dim(head_dim: int) -> bool:
-    """Head dims the kernels accept: powers of two from 16 to 256."""
-    return 16 <= head_dim <= 256 and _power_of_two(head_dim)
+    """Head dims the kernels accept: multiples of 8 from 16 to 256 (a head's row stays 16-byte
+    aligned in half precision; the kernels pad the others to the next power of two, masked)."""
+    return 16 <= head_dim <= 256 and head_dim % 8 == 0

@@ -26,6 +26,7 @@ def _merge_kernel(
     stride_bt, stride_bh, stride_blt, stride_blh,
     stride_ot, stride_oh, stride_olt, stride_olh,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,  # HEAD_DIM rounded up to a power of two, columns masked
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_H: tl.constexpr,  # heads, padded to a power of two
     INDEXED: tl.constexpr,  # side a and out at row rows[r] (in place into the full output), else r
@@ -38,15 +39,16 @@ def _merge_kernel(
     a_r = r  # row of side a and of the output
     if INDEXED:
         a_r = tl.load(rows + r, mask=ok, other=0).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
-    # lse blocks: (BLOCK_R * BLOCK_H,); o blocks: (BLOCK_R * BLOCK_H, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P)  # (HEAD_DIM_P,)
+    ok_d = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    # lse blocks: (BLOCK_R * BLOCK_H,); o blocks: (BLOCK_R * BLOCK_H, HEAD_DIM_P)
     lse_a = tl.load(LseA + a_r * stride_alt + h * stride_alh, mask=ok, other=float("-inf"))
     lse_b = tl.load(LseB + r * stride_blt + h * stride_blh, mask=ok, other=float("-inf"))
     o_a = tl.load(
-        OA + a_r[:, None] * stride_at + h[:, None] * stride_ah + offs_d[None, :], mask=ok[:, None], other=0.0
+        OA + a_r[:, None] * stride_at + h[:, None] * stride_ah + offs_d[None, :], mask=ok_d, other=0.0
     ).to(tl.float32)
     o_b = tl.load(
-        OB + r[:, None] * stride_bt + h[:, None] * stride_bh + offs_d[None, :], mask=ok[:, None], other=0.0
+        OB + r[:, None] * stride_bt + h[:, None] * stride_bh + offs_d[None, :], mask=ok_d, other=0.0
     ).to(tl.float32)
 
     m = tl.maximum(lse_a, lse_b)
@@ -65,7 +67,7 @@ def _merge_kernel(
     tl.store(
         Out + a_r[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=ok[:, None],
+        mask=ok_d,
     )
     tl.store(LseOut + a_r * stride_olt + h * stride_olh, lse, mask=ok)
 
@@ -84,8 +86,6 @@ def _launch(o_a, lse_a, o_b, lse_b, out, lse_out, rows) -> None:
         )
     if o_a.stride(2) != 1 or o_b.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("outputs must be contiguous in the head dim")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head dim {head_dim} is not a power of two")
     if num_rows == 0:
         return
     block_h = next_power_of_2(num_heads)
@@ -96,7 +96,8 @@ def _launch(o_a, lse_a, o_b, lse_b, out, lse_out, rows) -> None:
         *o_a.stride()[:2], *lse_a.stride(),
         *o_b.stride()[:2], *lse_b.stride(),
         *out.stride()[:2], *lse_out.stride(),
-        HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_H=block_h, INDEXED=rows is not None,
+        HEAD_DIM=head_dim, HEAD_DIM_P=next_power_of_2(head_dim), BLOCK_R=block_r, BLOCK_H=block_h,
+        INDEXED=rows is not None,
     )  # fmt: skip
 
 

@@ -42,6 +42,7 @@ from batchrun.kernels.triton._common import (
     dot_flags,
     find_tile,
     finish,
+    next_power_of_2,
     online_softmax_step,
     query_tile,
     scores_base2,
@@ -65,7 +66,8 @@ def _paged_attention_kernel(
     stride_bs, stride_bw,
     G: tl.constexpr,  # query heads per kv head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # the model's; any
+    HEAD_DIM_P: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange), columns masked
     BLOCK_Q: tl.constexpr,  # query tokens per tile; BLOCK_Q * G <= BLOCK_M
     BLOCK_M: tl.constexpr,  # rows per tile, (token, head) pairs: a power of two >= 16
     BLOCK_N: tl.constexpr,  # keys per tile
@@ -92,11 +94,12 @@ def _paged_attention_kernel(
     row_ok = (offs_m < BLOCK_Q * G) & (q_idx < q_len)
     q_pos = first_pos + q_idx  # (BLOCK_M,) cache position of each row's token
     row = (q_begin + q_idx).to(tl.int64)  # (BLOCK_M,) row of the packed step
-    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
-    # q block: (BLOCK_M, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P)  # (HEAD_DIM_P,)
+    d_ok = offs_d < HEAD_DIM  # padding columns load as 0: no score or output changes
+    # q block: (BLOCK_M, HEAD_DIM_P)
     q = tl.load(
         Q + row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None],
+        mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
 
@@ -115,7 +118,7 @@ def _paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max, base 2
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2(s - m)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
 
     # -- the tile loop over the sequence's keys, through its block table --------------------
     table = block_tables + seq.to(tl.int64) * stride_bs
@@ -124,14 +127,14 @@ def _paged_attention_kernel(
         key_ok = (pos >= lo) & (pos < hi)
         page = tl.load(table + (pos // BLOCK_SIZE) * stride_bw, mask=key_ok, other=0).to(tl.int64)
         in_page = pos % BLOCK_SIZE
-        # k block, transposed: (HEAD_DIM, BLOCK_N)
+        # k block, transposed: (HEAD_DIM_P, BLOCK_N)
         k = tl.load(
             K
             + page[None, :] * stride_kb
             + in_page[None, :] * stride_ks
             + kv_head * stride_kh
             + offs_d[:, None],
-            mask=key_ok[None, :],
+            mask=d_ok[:, None] & key_ok[None, :],
             other=0.0,
         )
         s = scores_base2(q, k, scale, softcap, USE_SOFTCAP, DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -144,24 +147,24 @@ def _paged_attention_kernel(
 
         # online softmax: rescale what was accumulated, add this tile
         p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s)
-        # v block: (BLOCK_N, HEAD_DIM)
+        # v block: (BLOCK_N, HEAD_DIM_P)
         v = tl.load(
             V
             + page[:, None] * stride_vb
             + in_page[:, None] * stride_vs
             + kv_head * stride_vh
             + offs_d[None, :],
-            mask=key_ok[:, None],
+            mask=key_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         acc = acc * alpha[:, None] + weighted_values(p, v, DOT_FP32, PRECISION)
 
     out, lse = finish(acc, m_i, l_i)
-    # out block: (BLOCK_M, HEAD_DIM); lse block: (BLOCK_M,)
+    # out block: (BLOCK_M, HEAD_DIM_P); lse block: (BLOCK_M,)
     tl.store(
         Out + split * stride_os + row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None],
+        mask=row_ok[:, None] & d_ok[None, :],
     )
     if WRITE_LSE or NUM_SPLITS > 1:
         tl.store(Lse + split * stride_ls + row * stride_lt + head * stride_lh, lse, mask=row_ok)
@@ -223,7 +226,7 @@ def paged_attention(
         *split_strides(part_out, num_splits), *split_strides(part_lse, num_splits),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         *block_tables.stride(),
-        G=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        G=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_P=next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 64 else 32,
         CAUSAL=causal, HAS_KV_START=kv_start is not None, USE_SOFTCAP=bool(softcap),
         USE_WINDOW=sliding_window is not None, WRITE_LSE=return_lse, NUM_SPLITS=num_splits,

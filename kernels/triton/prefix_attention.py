@@ -36,6 +36,7 @@ from batchrun.kernels.triton._common import (
     dot_flags,
     find_tile,
     finish,
+    next_power_of_2,
     online_softmax_step,
     query_tile,
     scores_base2,
@@ -59,7 +60,8 @@ def _prefix_attention_kernel(
     stride_bg, stride_bw,
     G: tl.constexpr,  # query heads per kv head
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
-    HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,  # the model's; any
+    HEAD_DIM_P: tl.constexpr,  # HEAD_DIM rounded up to a power of two (tl.arange), columns masked
     BLOCK_Q: tl.constexpr,  # group queries per tile; BLOCK_Q * G <= BLOCK_M
     BLOCK_M: tl.constexpr,  # rows per tile, (query, head) pairs: a power of two >= 16
     BLOCK_N: tl.constexpr,  # keys per tile
@@ -84,17 +86,18 @@ def _prefix_attention_kernel(
     row_ok = (offs_m < BLOCK_Q * G) & (q_idx < num_rows)
     out_row = (r_begin + q_idx).to(tl.int64)  # (BLOCK_M,) row of the output (group_rows order)
     q_row = tl.load(group_rows + out_row, mask=row_ok, other=0).to(tl.int64)  # row of `query`
-    offs_d = tl.arange(0, HEAD_DIM)
-    # q block: (BLOCK_M, HEAD_DIM), gathered from the packed step
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    d_ok = offs_d < HEAD_DIM  # padding columns load as 0: no score or output changes
+    # q block: (BLOCK_M, HEAD_DIM_P), gathered from the packed step
     q = tl.load(
         Q + q_row[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None],
+        mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], dtype=tl.float32)
 
     # -- the tile loop over the shared prefix: each K/V tile read once for the whole tile ----
     table = group_tables + grp.to(tl.int64) * stride_bg
@@ -104,38 +107,38 @@ def _prefix_attention_kernel(
         key_ok = pos < prefix_len
         page = tl.load(table + (pos // BLOCK_SIZE) * stride_bw, mask=key_ok, other=0).to(tl.int64)
         in_page = pos % BLOCK_SIZE
-        # k block, transposed: (HEAD_DIM, BLOCK_N)
+        # k block, transposed: (HEAD_DIM_P, BLOCK_N)
         k = tl.load(
             K
             + page[None, :] * stride_kb
             + in_page[None, :] * stride_ks
             + kv_head * stride_kh
             + offs_d[:, None],
-            mask=key_ok[None, :],
+            mask=d_ok[:, None] & key_ok[None, :],
             other=0.0,
         )
         s = scores_base2(q, k, scale, softcap, USE_SOFTCAP, DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_N)
         s = tl.where(row_ok[:, None] & key_ok[None, :], s, float("-inf"))  # non-causal
 
         p, alpha, m_i, l_i = online_softmax_step(m_i, l_i, s)
-        # v block: (BLOCK_N, HEAD_DIM)
+        # v block: (BLOCK_N, HEAD_DIM_P)
         v = tl.load(
             V
             + page[:, None] * stride_vb
             + in_page[:, None] * stride_vs
             + kv_head * stride_vh
             + offs_d[None, :],
-            mask=key_ok[:, None],
+            mask=key_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
         acc = acc * alpha[:, None] + weighted_values(p, v, DOT_FP32, PRECISION)
 
     out, lse = finish(acc, m_i, l_i)
-    # out block: (BLOCK_M, HEAD_DIM); lse block: (BLOCK_M,)
+    # out block: (BLOCK_M, HEAD_DIM_P); lse block: (BLOCK_M,)
     tl.store(
         Out + split * stride_os + out_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=row_ok[:, None],
+        mask=row_ok[:, None] & d_ok[None, :],
     )
     tl.store(Lse + split * stride_ls + out_row * stride_lt + head * stride_lh, lse, mask=row_ok)
 
@@ -188,7 +191,7 @@ def prefix_attention(
         *split_strides(part_out, num_splits), *split_strides(part_lse, num_splits),
         *k_cache.stride()[:3], *v_cache.stride()[:3],
         *group_tables.stride(),
-        G=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim,
+        G=group, BLOCK_SIZE=block_size, HEAD_DIM=head_dim, HEAD_DIM_P=next_power_of_2(head_dim),
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 64 else 32,
         USE_SOFTCAP=bool(softcap), NUM_SPLITS=num_splits, **dot_flags(query.dtype, query.device),
     )  # fmt: skip

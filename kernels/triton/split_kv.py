@@ -62,6 +62,7 @@ def _reduce_splits_kernel(
     stride_ot, stride_oh, stride_lt, stride_lh,
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,  # HEAD_DIM rounded up to a power of two, columns masked
     BLOCK_R: tl.constexpr,  # rows per program
     BLOCK_H: tl.constexpr,  # heads, padded to a power of two
     WRITE_LSE: tl.constexpr,
@@ -71,18 +72,19 @@ def _reduce_splits_kernel(
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + offs // BLOCK_H  # (BLOCK_R * BLOCK_H,)
     h = offs % BLOCK_H
     ok = (r < num_rows) & (h < num_heads)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_P)
+    ok_d = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
 
     m = tl.full([BLOCK_R * BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of lse
     total = tl.zeros([BLOCK_R * BLOCK_H], dtype=tl.float32)  # sum of e^(lse_s - m)
-    acc = tl.zeros([BLOCK_R * BLOCK_H, HEAD_DIM], dtype=tl.float32)  # sum of e^(lse_s - m) out_s
+    acc = tl.zeros([BLOCK_R * BLOCK_H, HEAD_DIM_P], dtype=tl.float32)  # sum of e^(lse_s - m) out_s
     for s in tl.static_range(NUM_SPLITS):
         lse_s = tl.load(
             PartLse + s * stride_pls + r * stride_plt + h * stride_plh, mask=ok, other=float("-inf")
         )
         o_s = tl.load(
             PartOut + s * stride_ps + r[:, None] * stride_pt + h[:, None] * stride_ph + offs_d[None, :],
-            mask=ok[:, None],
+            mask=ok_d,
             other=0.0,
         )
         m_new = tl.maximum(m, lse_s)
@@ -98,7 +100,7 @@ def _reduce_splits_kernel(
     tl.store(
         Out + r[:, None] * stride_ot + h[:, None] * stride_oh + offs_d[None, :],
         out.to(Out.dtype.element_ty),
-        mask=ok[:, None],
+        mask=ok_d,
     )
     if WRITE_LSE:
         lse = tl.where(seen, m + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
@@ -147,7 +149,8 @@ def reduce_splits(
         num_rows, num_heads,
         *part_out.stride()[:3], *part_lse.stride(),
         *out.stride()[:2], *(lse.stride() if lse is not None else (0, 0)),
-        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_R=block_r, BLOCK_H=block_h,
+        NUM_SPLITS=num_splits, HEAD_DIM=head_dim, HEAD_DIM_P=next_power_of_2(head_dim),
+        BLOCK_R=block_r, BLOCK_H=block_h,
         WRITE_LSE=lse is not None,
     )  # fmt: skip
 

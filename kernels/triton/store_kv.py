@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from batchrun.kernels.triton._common import next_power_of_2
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -19,6 +21,7 @@ def _store_kv_kernel(
     stride_cb, stride_cs, stride_ch, stride_db, stride_ds, stride_dh,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,  # HEAD_DIM rounded up to a power of two, columns masked
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
@@ -27,16 +30,19 @@ def _store_kv_kernel(
         return
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
-    offs_d = tl.arange(0, HEAD_DIM)  # one head's vector: (HEAD_DIM,)
-    k = tl.load(Key + t * stride_kt + h * stride_kh + offs_d)
-    v = tl.load(Value + t * stride_vt + h * stride_vh + offs_d)
+    offs_d = tl.arange(0, HEAD_DIM_P)  # one head's vector: (HEAD_DIM_P,)
+    d_ok = offs_d < HEAD_DIM
+    k = tl.load(Key + t * stride_kt + h * stride_kh + offs_d, mask=d_ok)
+    v = tl.load(Value + t * stride_vt + h * stride_vh + offs_d, mask=d_ok)
     tl.store(
         KCache + block * stride_cb + offset * stride_cs + h * stride_ch + offs_d,
         k.to(KCache.dtype.element_ty),
+        mask=d_ok,
     )
     tl.store(
         VCache + block * stride_db + offset * stride_ds + h * stride_dh + offs_d,
         v.to(VCache.dtype.element_ty),
+        mask=d_ok,
     )
 
 
@@ -56,8 +62,6 @@ def store_kv(
         )
     if slot_mapping.shape != (num_tokens,):
         raise ValueError(f"slot_mapping must be ({num_tokens},); got {tuple(slot_mapping.shape)}")
-    if head_dim & (head_dim - 1):
-        raise ValueError(f"head dim {head_dim} is not a power of two")
     if key.stride(2) != 1 or value.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("keys, values and caches must be contiguous in the head dim")
     if num_tokens == 0:
@@ -66,5 +70,5 @@ def store_kv(
         key, value, k_cache, v_cache, slot_mapping,
         *key.stride()[:2], *value.stride()[:2],
         *k_cache.stride()[:3], *v_cache.stride()[:3],
-        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, HEAD_DIM_P=next_power_of_2(head_dim),
     )  # fmt: skip
