@@ -16,7 +16,7 @@ import torch
 from batchrun.kernels.metadata import AttentionMetadata
 
 
-def next_power_of_2(n: int) -> int:
+def _next_power_of_2(n: int) -> int:  # kernels/triton/_common.py has Triton's; no Triton here
     return 1 << max(n - 1, 0).bit_length()
 
 
@@ -65,7 +65,7 @@ def cascade_layout(meta: AttentionMetadata, min_saved_tokens: int) -> CascadeLay
     tables = meta.block_tables[firsts, :width]  # members share these columns (their prefix)
     if meta.static_shapes:
         rows, cu, prefix_lens, tables = _pad_for_graph(meta, rows, cu, prefix_lens, tables)
-        max_group_rows = next_power_of_2(max_group_rows)  # a tile-size hint: few distinct values
+        max_group_rows = _next_power_of_2(max_group_rows)  # a tile-size hint: few distinct values
     device = meta.block_tables.device
 
     def int32(values: list[int]) -> torch.Tensor:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from batchrun.kernels.backend import AttentionBackend, BackendCapabilities, GraphInputs
-from batchrun.kernels.cascade_layout import CascadeLayout, cascade_layout, next_power_of_2
+from batchrun.kernels.cascade_layout import CascadeLayout, cascade_layout
 from batchrun.kernels.metadata import AttentionMetadata
 from batchrun.kernels.triton import (
     CAPABILITIES,
@@ -44,6 +44,7 @@ from batchrun.kernels.triton import (
     store_kv,
     supported_head_dim,
 )
+from batchrun.kernels.triton._common import next_power_of_2
 from batchrun.kernels.triton.split_kv import split_hint
 
 # Splitting costs two more launches per layer in all, not per group, so every group of two or

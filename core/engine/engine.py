@@ -194,12 +194,12 @@ def build_engine(
     spec = KVCacheSpec.from_config(loaded.model.config, loaded.dtype, config.block_size)
     backend, why = choose_backend(config, loaded, spec, given=backend)
     graphs = loaded.device.type == "cuda" and config.cuda_graphs and backend.capabilities.cuda_graphs
-    budget = kv_cache_bytes(loaded.device, config.kv_cache_bytes)
     # Graphs hold GPU memory of their own from their first capture on; a share of free memory
     # leaves room for it (an explicit size in bytes is taken as given).
-    kept_for_graphs = graph_memory_bytes(loaded.model.config, loaded.dtype) if graphs else 0
-    if not isinstance(config.kv_cache_bytes, int):
-        budget -= kept_for_graphs
+    kept_for_graphs = 0
+    if graphs and not isinstance(config.kv_cache_bytes, int):
+        kept_for_graphs = graph_memory_bytes(loaded.model.config, loaded.dtype)
+    budget = kv_cache_bytes(loaded.device, config.kv_cache_bytes) - kept_for_graphs
     kv_cache = KVCache(spec, num_blocks_for(spec, budget, useful_tokens), loaded.device)
     overrides = cpu_layer_overrides(loaded.model) if backend.name == "cpu" else None
     if overrides:
@@ -209,7 +209,7 @@ def build_engine(
     runner = ModelRunner(loaded.model, kv_cache, backend, loaded.eos_token_ids, overrides)
     if loaded.device.type == "cuda":
         why += f"; {_use_cuda_graphs(runner, config.cuda_graphs)}"
-    if graphs and not isinstance(config.kv_cache_bytes, int):
+    if kept_for_graphs:
         why += f" (~{kept_for_graphs / 2**20:,.0f} MiB kept out of the KV cache for them)"
     stop_checker = StopChecker(loaded.tokenizer, loaded.eos_token_ids)
     return Engine(runner, config, stop_checker, backend_choice=why)

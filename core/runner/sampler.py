@@ -18,6 +18,7 @@ preemption, the worker, or the device. Only the sampled ids come back to the hos
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -52,10 +53,7 @@ def sample(
     output_lens = [len(h.output) for h in histories]
     vocab = logits.shape[1]
     penalized = [i for i, p in enumerate(params) if p.penalized]
-    chunk = max(1, chunk_elements // vocab)
-    for start in range(0, len(penalized), chunk):
-        part = penalized[start : start + chunk]
-        rows = torch.tensor(part, device=logits.device)
+    for part, rows in _row_chunks(penalized, logits, chunk_elements):
         block = logits[rows]  # (P, V), a copy
         apply_penalties(block, [params[i] for i in part], [histories[i] for i in part])
         logits[rows] = block
@@ -71,10 +69,7 @@ def sample(
         logits[pairs[:, 0], pairs[:, 1]] = float("-inf")
     tokens = torch.argmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
-    chunk = max(1, chunk_elements // logits.shape[1])
-    for start in range(0, len(sampled), chunk):
-        part = sampled[start : start + chunk]
-        rows = torch.tensor(part, device=logits.device)
+    for part, rows in _row_chunks(sampled, logits, chunk_elements):
         tokens[rows] = sample_rows(
             logits[rows],
             [params[i] for i in part],
@@ -82,6 +77,16 @@ def sample(
             [output_lens[i] for i in part],
         )
     return tokens.tolist()  # the step's one device-to-host copy
+
+
+def _row_chunks(
+    indices: list[int], logits: torch.Tensor, chunk_elements: int
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """``indices`` in runs of at most ``chunk_elements`` logits each: (run, run on the device)."""
+    rows_per_chunk = max(1, chunk_elements // logits.shape[1])
+    for start in range(0, len(indices), rows_per_chunk):
+        part = indices[start : start + rows_per_chunk]
+        yield part, torch.tensor(part, device=logits.device)
 
 
 def sample_rows(
@@ -155,12 +160,12 @@ def apply_penalties(logits: torch.Tensor, params: list[SamplingParams], historie
         return pairs[0], pairs[1]
 
     counts = torch.zeros(num_rows, vocab, dtype=logits.dtype, device=device)
-    rows, tokens = scattered([h.output.astype(np.int64) for h in histories])
+    rows, tokens = scattered([h.output for h in histories])
     counts.index_put_((rows, tokens), torch.ones((), dtype=logits.dtype, device=device), accumulate=True)
     repetition = [p.repetition_penalty for p in params]
     if any(r != 1.0 for r in repetition):
         seen = counts > 0
-        seen[scattered([h.prompt.astype(np.int64) for h in histories])] = True
+        seen[scattered([h.prompt for h in histories])] = True
         penalty = column(repetition)
         logits.copy_(torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits))
     frequency, presence = (
